@@ -1,0 +1,1 @@
+"""Method-independent pieces of effalg."""

@@ -1,0 +1,1 @@
+"""effalg methods for diffusers."""

@@ -1,0 +1,1 @@
+"""Low-bit compute for effalg."""
