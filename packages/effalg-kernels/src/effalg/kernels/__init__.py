@@ -1,1 +1,50 @@
-"""Low-bit compute for effalg."""
+"""Low-bit compute for effalg: ``torch.ops.effalg.*`` custom ops.
+
+Each op has a plain-PyTorch reference (:mod:`effalg.kernels.reference`, the default for any device), a fast CPU
+implementation (:mod:`effalg.kernels.cpu`), Triton kernels for CUDA (:mod:`effalg.kernels.triton`, registered when
+CUDA is available) and a fake kernel for ``torch.compile``. Call them through the validating wrappers below.
+"""
+
+import torch as _torch
+
+from . import _ops  # noqa: F401  (declares the op schemas)
+from . import cpu as _cpu
+from .ops import (
+    MAX_INT8_K,
+    WEIGHT_ONLY_BITS,
+    int8_scaled_mm,
+    prepack_int8_weight,
+    quantize_per_token,
+    unpack_int8_weight,
+    w4a8_linear,
+    w8a8_linear,
+    weight_only_linear,
+)
+from .packing import SUPPORTED_BITS, pack_bits, pack_int4_symmetric, packed_size, unpack_bits, unpack_int4_symmetric
+
+_cpu.register()
+if _torch.cuda.is_available():  # Triton is imported only where it can run
+    from .triton import register as _register_triton
+
+    _register_triton()
+
+configure_allocator = _cpu.configure_allocator
+
+__all__ = [
+    "MAX_INT8_K",
+    "SUPPORTED_BITS",
+    "WEIGHT_ONLY_BITS",
+    "configure_allocator",
+    "int8_scaled_mm",
+    "pack_bits",
+    "pack_int4_symmetric",
+    "packed_size",
+    "prepack_int8_weight",
+    "quantize_per_token",
+    "unpack_bits",
+    "unpack_int4_symmetric",
+    "unpack_int8_weight",
+    "w4a8_linear",
+    "w8a8_linear",
+    "weight_only_linear",
+]

@@ -1,0 +1,13 @@
+"""Run every effalg benchmark in sequence (``bash scripts/dev.sh bench``)."""
+
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+BENCHMARKS = ["w8a8_pixart.py"]
+
+if __name__ == "__main__":
+    for script in BENCHMARKS:
+        print(f"=== {script}", flush=True)
+        subprocess.run([sys.executable, os.path.join(HERE, script), *sys.argv[1:]], check=True)

@@ -1,0 +1,18 @@
+"""Quantized modules holding packed integer weights (compute through ``effalg.kernels``)."""
+
+from .base import QuantModuleBase, memory_footprint, prepack_model_, unpack_model_
+from .conv import QuantConv2d, W8A8Conv2d
+from .linear import QuantLinear, W4A8Linear, W8A8Linear, WeightOnlyLinear
+
+__all__ = [
+    "QuantModuleBase",
+    "QuantLinear",
+    "W8A8Linear",
+    "W4A8Linear",
+    "WeightOnlyLinear",
+    "QuantConv2d",
+    "W8A8Conv2d",
+    "memory_footprint",
+    "prepack_model_",
+    "unpack_model_",
+]

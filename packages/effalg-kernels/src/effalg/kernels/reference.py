@@ -1,0 +1,134 @@
+"""Plain-PyTorch reference implementations: these define the meaning of every ``effalg`` op.
+
+They favour obviousness over speed: integer products are accumulated exactly (in float64, which is exact for
+``|sum| < 2**53``; int8 x int8 sums stay below ``2**31`` for ``K <= MAX_INT8_K``), and the float epilogues are done
+in float64 and rounded once to the output dtype. Inputs are assumed valid (the public wrappers in
+:mod:`effalg.kernels.ops` validate them).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .packing import unpack_bits, unpack_int4_symmetric
+
+__all__ = [
+    "quantize_per_token_ref",
+    "int8_scaled_mm_ref",
+    "w8a8_linear_ref",
+    "w4a8_linear_ref",
+    "weight_only_linear_ref",
+    "dense_int8_weight",
+]
+
+#: Smallest ``amax`` used for a scale, so all-zero rows/groups get a finite, non-zero scale.
+AMAX_EPS = 1e-8
+
+
+def dense_int8_weight(w: torch.Tensor) -> torch.Tensor:
+    """Plain ``int8[N, K]`` view of an int8 weight given plain or oneDNN-prepacked (mkldnn ``[K, N]``)."""
+    if w.layout == torch._mkldnn:
+        return w.to_dense().t()
+    return w
+
+
+def quantize_per_token_ref(x: torch.Tensor, group_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric dynamic int8 quantization along the last dim.
+
+    ``scale = max(amax, 1e-8) / 127`` (float32) per token (``group_size == 0``) or per group of ``group_size``
+    consecutive elements; ``q = clamp(round(x / scale), -127, 127)`` with round-half-to-even, the division done in
+    float32. Returns ``(q: int8[..., K], scale: float32[..., G])``.
+    """
+    K = x.shape[-1]
+    gs = K if group_size == 0 else group_size
+    G = K // gs
+    xf = x.to(torch.float32).reshape(*x.shape[:-1], G, gs)
+    amax = xf.abs().amax(dim=-1)  # [..., G]
+    scale = torch.clamp(amax, min=AMAX_EPS) / 127.0
+    q = torch.round(xf / scale.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
+    return q.reshape(x.shape), scale
+
+
+def int8_scaled_mm_ref(
+    a: torch.Tensor,
+    a_scale: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    bias: Optional[torch.Tensor],
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``(a @ w.T) * a_scale * w_scale + bias`` with exact integer accumulation, rounded once to ``out_dtype``.
+
+    ``a: int8[M, K]``, ``a_scale: float32[M, 1]``, ``w: int8[N, K]`` (or prepacked), ``w_scale: float32[N]``.
+    """
+    wd = dense_int8_weight(w)
+    acc = a.to(torch.float64) @ wd.to(torch.float64).t()  # exact: |acc| <= K * 128 * 128 < 2**53
+    y = acc * a_scale.to(torch.float64).reshape(-1, 1) * w_scale.to(torch.float64).reshape(1, -1)
+    if bias is not None:
+        y = y + bias.to(torch.float64)
+    return y.to(out_dtype)
+
+
+def w8a8_linear_ref(
+    x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """``quantize_per_token(x)`` then ``int8_scaled_mm``; output in ``x.dtype`` with shape ``[..., N]``."""
+    K = x.shape[-1]
+    q, s = quantize_per_token_ref(x.reshape(-1, K), 0)
+    y = int8_scaled_mm_ref(q, s, w, w_scale, bias, x.dtype)
+    return y.reshape(*x.shape[:-1], w_scale.shape[0])
+
+
+def w4a8_linear_ref(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    group_size: int = 0,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """int4 weights (codes ``u = q + 8``, two per byte, low nibble = even k) x per-token int8 activations.
+
+    ``y[m, n] = a_scale[m] * sum_g w_scale[n, g] * sum_{k in g} qa[m, k] * qw[n, k] + bias[n]``, integer partial
+    sums exact, epilogue in float64, rounded once to ``x.dtype``.
+    """
+    K = x.shape[-1]
+    N = w.shape[0]
+    gs = K if group_size == 0 else group_size
+    G = K // gs
+    qa, sa = quantize_per_token_ref(x.reshape(-1, K), 0)
+    qw = unpack_int4_symmetric(w, K)  # int8 [N, K]
+    acc = torch.einsum(
+        "mgk,ngk->mng", qa.to(torch.float64).reshape(-1, G, gs), qw.to(torch.float64).reshape(N, G, gs)
+    )  # exact integer partial sums per group
+    y = (acc * w_scale.to(torch.float64).reshape(1, N, G)).sum(-1) * sa.to(torch.float64).reshape(-1, 1)
+    if bias is not None:
+        y = y + bias.to(torch.float64)
+    return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+
+def weight_only_linear_ref(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor,
+    bits: int,
+    group_size: int = 0,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """``x @ W.T + bias`` with ``W[n, k] = (u[n, k] - zero[n, g]) * scale[n, g]``, ``g = k // group_size``.
+
+    ``u`` are the ``bits``-bit codes unpacked from ``w`` (see :func:`effalg.kernels.packing.unpack_bits`);
+    ``group_size == 0`` means one group per output channel. Computed in float64, rounded once to ``x.dtype``.
+    """
+    K = x.shape[-1]
+    N = w.shape[0]
+    gs = K if group_size == 0 else group_size
+    u = unpack_bits(w, bits, K).to(torch.float64)  # [N, K]
+    g = torch.arange(K, device=x.device) // gs
+    W = (u - zero.to(torch.float64)[:, g]) * scale.to(torch.float64)[:, g]
+    y = x.reshape(-1, K).to(torch.float64) @ W.t()
+    if bias is not None:
+        y = y + bias.to(torch.float64)
+    return y.to(x.dtype).reshape(*x.shape[:-1], N)

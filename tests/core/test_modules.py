@@ -1,0 +1,334 @@
+import copy
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from effalg.core.modules import (
+    W4A8Linear,
+    W8A8Linear,
+    WeightOnlyLinear,
+    memory_footprint,
+    prepack_model_,
+    unpack_model_,
+)
+
+
+def _linear(k=32, n=24, bias=True, seed=0):
+    torch.manual_seed(seed)
+    lin = nn.Linear(k, n, bias=bias)
+    with torch.no_grad():
+        lin.weight[0].mul_(5.0)  # an outlier row
+        if bias:
+            lin.bias.normal_()
+    return lin
+
+
+def _act_quant_f64(x):
+    """Per-token symmetric int8 (the kernel contract: fp32 scale, round half to even), dequantized in float64."""
+    xf = x.float()
+    scale = xf.abs().amax(-1, keepdim=True).clamp(min=1e-8) / 127.0
+    q = torch.round(xf / scale).clamp(-127, 127)
+    return q.double() * scale.double()
+
+
+def _weight_fq_f64(w, bits, group_size=0, symmetric=True):
+    """Independent float64 fake-quant weight with the same fp32 parameter math as effalg.core."""
+    n, k = w.shape
+    gs = group_size or k
+    wg = w.float().reshape(n, k // gs, gs)
+    if symmetric:
+        qmax = 2 ** (bits - 1) - 1
+        scale = wg.abs().amax(-1, keepdim=True).clamp(min=1e-8) / qmax
+        q = torch.round(wg / scale).clamp(-qmax, qmax)
+        return (q.double() * scale.double()).reshape(n, k)
+    qmax = 2**bits - 1
+    lo, hi = wg.amin(-1, keepdim=True).clamp(max=0), wg.amax(-1, keepdim=True).clamp(min=0)
+    scale = (hi - lo).clamp(min=1e-8) / qmax
+    zero = torch.round(-lo / scale).clamp(0, qmax)
+    u = (torch.round(wg / scale) + zero).clamp(0, qmax)
+    return ((u.double() - zero.double()) * scale.double()).reshape(n, k)
+
+
+def _ref_out(x, w_fq, bias, act_quant):
+    xd = _act_quant_f64(x) if act_quant else x.double()
+    y = xd @ w_fq.t()
+    if bias is not None:
+        y = y + bias.double()
+    return y
+
+
+# ---- W8A8 -----------------------------------------------------------------------------------------------------
+
+
+def test_w8a8_matches_f64_reference_prepacked_or_not():
+    lin = _linear()
+    x = torch.randn(3, 5, 32)
+    mod = W8A8Linear.from_float(lin)
+    assert mod.is_prepacked  # CPU: from_float prepacks
+    ref = _ref_out(x, _weight_fq_f64(lin.weight, 8), lin.bias, True)
+    y = mod(x)
+    assert y.shape == (3, 5, 24) and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    plain = W8A8Linear.from_float(lin, prepack=False)
+    assert not plain.is_prepacked
+    # Plain and prepacked layouts go through different CPU GEMMs: equal up to float32 rounding of the epilogue.
+    torch.testing.assert_close(plain(x), y, rtol=1e-6, atol=1e-6)
+    # qweight codes are exactly the symmetric per-channel int8 codes
+    s = lin.weight.abs().amax(1, keepdim=True) / 127
+    assert torch.equal(plain.qweight, torch.round(lin.weight / s).clamp(-127, 127).to(torch.int8))
+    assert torch.equal(mod.plain_qweight(), plain.qweight)
+    unpack_model_(mod)
+    assert not mod.is_prepacked and torch.equal(mod.qweight, plain.qweight)
+    prepack_model_(mod)
+    assert mod.is_prepacked and torch.equal(mod(x), y)
+
+
+def test_w8a8_state_dict_plain_layout_and_roundtrip(tmp_path):
+    lin = _linear()
+    mod = W8A8Linear.from_float(lin)
+    sd = mod.state_dict()
+    assert list(sd) == ["bias", "qweight", "weight_scale"]
+    assert sd["qweight"].dtype == torch.int8 and sd["qweight"].shape == (24, 32)
+    assert sd["qweight"].layout == torch.strided
+    assert sd["weight_scale"].dtype == torch.float32 and sd["weight_scale"].shape == (24,)
+    path = tmp_path / "w.safetensors"
+    save_file(sd, str(path))
+    sd2 = load_file(str(path))
+    for k in sd:
+        assert torch.equal(sd[k], sd2[k])
+    # meta construction -> to_empty -> load -> prepack_: identical outputs and state dict
+    meta = W8A8Linear(32, 24, bias=True, device="meta")
+    assert meta.qweight.is_meta and meta.qweight.dtype == torch.int8 and meta.qweight.shape == (24, 32)
+    assert meta.weight_scale.dtype == torch.float32 and meta.bias.dtype == torch.float32
+    new = meta.to_empty(device="cpu")
+    new.load_state_dict(sd2)
+    new.prepack_()
+    x = torch.randn(4, 32)
+    assert torch.equal(new(x), mod(x))
+    for k, v in new.state_dict().items():
+        assert torch.equal(v, sd[k])
+    # load into an already-prepacked module (unpack, copy, prepack again)
+    other = W8A8Linear.from_float(_linear(seed=1))
+    other.load_state_dict(sd)
+    assert other.is_prepacked and torch.equal(other(x), mod(x))
+    # assign=True on a meta module
+    m2 = W8A8Linear(32, 24, device="meta")
+    m2.load_state_dict(sd, assign=True)
+    assert torch.equal(m2.prepack_()(x), mod(x))
+
+
+def test_w8a8_dtype_and_device_moves_keep_qparams_fp32():
+    lin = _linear()
+    mod = W8A8Linear.from_float(lin)
+    scale = mod.weight_scale.clone()
+    mod.to(torch.float16)
+    assert mod.weight_scale.dtype == torch.float32 and torch.equal(mod.weight_scale, scale)
+    assert mod.bias.dtype == torch.float16 and mod.qweight.dtype == torch.int8 and mod.is_prepacked
+    y16 = mod(torch.randn(2, 32, dtype=torch.float16))
+    assert y16.dtype == torch.float16
+    mod.half().float()
+    assert torch.equal(mod.weight_scale, scale)
+    # leaving CPU unpacks first
+    mod.to("meta")
+    assert not mod.is_prepacked and mod.qweight.is_meta and mod.qweight.shape == (24, 32)
+    assert mod.weight_scale.dtype == torch.float32
+
+
+def test_w8a8_deepcopy_and_pickle_prepacked(tmp_path):
+    mod = W8A8Linear.from_float(_linear())
+    x = torch.randn(2, 32)
+    clone = copy.deepcopy(mod)
+    assert clone.is_prepacked and torch.equal(clone(x), mod(x))
+    path = tmp_path / "m.pt"
+    torch.save(mod, path)
+    loaded = torch.load(path, weights_only=False)
+    assert loaded.is_prepacked and torch.equal(loaded(x), mod(x))
+
+
+def test_memory_footprint_exact():
+    n, k = 24, 32
+    w8 = W8A8Linear.from_float(_linear(k, n))
+    expected = n * k + 4 * n + 4 * n  # int8 weight, fp32 scale, fp32 bias
+    assert memory_footprint(w8) == expected == w8.memory_footprint()
+    w8.unpack_()
+    assert w8.memory_footprint() == expected
+    w4 = W4A8Linear.from_float(_linear(k, n, bias=False), group_size=8)
+    assert w4.memory_footprint() == n * k // 2 + 4 * n * (k // 8)
+    w3 = WeightOnlyLinear.from_float(_linear(k, n), bits=3, group_size=16)
+    assert w3.memory_footprint() == n * (k * 3 // 8) + 2 * 4 * n * 2 + 4 * n
+    parent = nn.Sequential(w8, w8)  # shared module counted once
+    assert memory_footprint(parent) == expected
+
+
+# ---- W4A8 -----------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("group_size", [0, 8])
+def test_w4a8_matches_f64_reference(group_size):
+    lin = _linear()
+    mod = W4A8Linear.from_float(lin, group_size=group_size)
+    g = 1 if group_size == 0 else 32 // group_size
+    assert mod.qweight.shape == (24, 16) and mod.qweight.dtype == torch.uint8
+    assert mod.weight_scale.shape == (24, g) and mod.weight_scale.dtype == torch.float32
+    w_fq = _weight_fq_f64(lin.weight, 4, group_size)
+    torch.testing.assert_close(mod.dequantize_weight(torch.float64), w_fq, rtol=0, atol=1e-12)
+    x = torch.randn(2, 3, 32)
+    torch.testing.assert_close(mod(x).double(), _ref_out(x, w_fq, lin.bias, True), rtol=1e-5, atol=1e-5)
+
+
+# ---- weight-only --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("group_size,symmetric", [(0, True), (16, True), (16, False)])
+def test_weight_only_matches_f64_reference(bits, group_size, symmetric):
+    lin = _linear(k=48)
+    mod = WeightOnlyLinear.from_float(lin, bits=bits, group_size=group_size, symmetric=symmetric)
+    g = 1 if group_size == 0 else 48 // group_size
+    assert mod.qweight.shape == (24, (48 * bits + 7) // 8) and mod.qweight.dtype == torch.uint8
+    assert mod.weight_scale.shape == (24, g) and mod.weight_zero.shape == (24, g)
+    w_fq = _weight_fq_f64(lin.weight, bits, group_size, symmetric)
+    torch.testing.assert_close(mod.dequantize_weight(torch.float64), w_fq, rtol=0, atol=1e-12)
+    x = torch.randn(5, 48)
+    torch.testing.assert_close(mod(x).double(), _ref_out(x, w_fq, lin.bias, False), rtol=1e-5, atol=1e-5)
+    assert list(mod.state_dict()) == ["bias", "qweight", "weight_scale", "weight_zero"]
+
+
+def test_meta_construction_then_load_all_types():
+    x = torch.randn(3, 32)
+    for cls, kw in [
+        (W8A8Linear, {}),
+        (W4A8Linear, {"group_size": 16}),
+        (WeightOnlyLinear, {"bits": 3, "group_size": 8}),
+    ]:
+        src = cls.from_float(_linear(), **kw)
+        meta = cls(32, 24, bias=True, device="meta", dtype=torch.float32, **kw)
+        for name, t in src.state_dict().items():
+            mt = meta.state_dict()[name]
+            assert mt.is_meta and mt.shape == t.shape and mt.dtype == t.dtype, (cls.__name__, name)
+        dst = meta.to_empty(device="cpu")
+        dst.load_state_dict(src.state_dict())
+        prepack_model_(dst)
+        assert torch.equal(dst(x), src(x)), cls.__name__
+
+
+# ---- smooth scale / input transform ------------------------------------------------------------------------------
+
+
+def test_smooth_scale_folded_into_weight():
+    lin = _linear()
+    torch.manual_seed(3)
+    s = torch.rand(32) + 0.5
+    mod = W8A8Linear.from_float(lin, smooth_scale=s)
+    assert torch.equal(mod.smooth_scale, s)
+    x = torch.randn(4, 32)
+    w_fq = _weight_fq_f64(lin.weight / s[None, :], 8)
+    ref = _ref_out(x * s, w_fq, lin.bias, True)
+    torch.testing.assert_close(mod(x).double(), ref, rtol=1e-5, atol=1e-5)
+    # close to the float layer
+    y, y_ref = mod(x), lin(x)
+    assert (y - y_ref).norm() / y_ref.norm() < 0.02
+    sd = mod.state_dict()
+    assert list(sd) == ["bias", "smooth_scale", "qweight", "weight_scale"]
+    # a module built without smooth_scale accepts a checkpoint that has one
+    plain = W8A8Linear(32, 24)
+    plain.load_state_dict(sd)
+    assert torch.equal(plain.prepack_()(x), mod(x))
+    assert "smooth_scale=True" in repr(mod)
+
+
+class _Rotation(nn.Module):
+    def __init__(self, r):
+        super().__init__()
+        self.register_buffer("r", r)
+
+    def forward(self, x):
+        return x @ self.r.to(x.dtype)
+
+
+def test_input_transform_rotation():
+    lin = _linear()
+    torch.manual_seed(4)
+    r, _ = torch.linalg.qr(torch.randn(32, 32, dtype=torch.float64))
+    rot = _Rotation(r.float())
+    mod = W4A8Linear.from_float(lin, input_transform=rot)
+    x = torch.randn(6, 32)
+    w_fq = _weight_fq_f64(lin.weight @ r.float(), 4)
+    torch.testing.assert_close(mod(x).double(), _ref_out(x @ r.float(), w_fq, lin.bias, True), rtol=1e-5, atol=1e-5)
+    assert "input_transform.r" in mod.state_dict()
+
+
+# ---- validation ---------------------------------------------------------------------------------------------------
+
+
+def test_bad_arguments_are_named():
+    with pytest.raises(ValueError, match="in_features must be even"):
+        W4A8Linear(31, 8)
+    with pytest.raises(ValueError, match=r"in_features \(32\) must be divisible by group_size \(12\)"):
+        WeightOnlyLinear(32, 8, group_size=12)
+    with pytest.raises(ValueError, match=r"bits must be one of \{3, 4, 8\}"):
+        WeightOnlyLinear(32, 8, bits=2)
+    with pytest.raises(ValueError, match="out_features must be a positive int"):
+        W8A8Linear(32, 0)
+    with pytest.raises(TypeError, match="linear must be an nn.Linear"):
+        W8A8Linear.from_float(nn.Conv2d(2, 2, 1))
+    with pytest.raises(ValueError, match=r"smooth_scale must have shape \[32\]"):
+        W8A8Linear.from_float(_linear(), smooth_scale=torch.ones(31))
+    with pytest.raises(ValueError, match="smooth_scale must be finite and > 0"):
+        W8A8Linear.from_float(_linear(), smooth_scale=torch.zeros(32))
+    with pytest.raises(ValueError, match="meta weights"):
+        W8A8Linear.from_float(nn.Linear(4, 4, device="meta"))
+
+
+def test_extra_repr():
+    r = repr(WeightOnlyLinear.from_float(_linear(), bits=4, group_size=8))
+    assert "in_features=32" in r and "out_features=24" in r and "w4a16" in r and "group_size=8" in r
+    assert "prepacked=True" in repr(W8A8Linear.from_float(_linear()))
+
+
+# ---- conv ---------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kw", [dict(kernel_size=3, padding=1), dict(kernel_size=1), dict(kernel_size=(3, 2), stride=2, padding=(1, 0))]
+)
+def test_w8a8_conv2d_matches_f64_reference(kw):
+    from effalg.core.modules import W8A8Conv2d
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 5, **kw)
+    x = torch.randn(2, 6, 7, 8)
+    s = torch.rand(6) + 0.5
+    mod = W8A8Conv2d.from_float(conv, smooth_scale=s)
+    w = conv.weight.detach() / s.reshape(1, -1, 1, 1)
+    w_fq = _weight_fq_f64(w.reshape(5, -1), 8)
+    cols = torch.nn.functional.unfold(
+        x * s.reshape(1, -1, 1, 1), conv.kernel_size, conv.dilation, conv.padding, conv.stride
+    )
+    ref_rows = _ref_out(cols.transpose(1, 2), w_fq, conv.bias, True)  # [B, L, O]
+    y = mod(x)
+    ref = conv(x)
+    assert y.shape == ref.shape and y.is_contiguous()
+    torch.testing.assert_close(y.double(), ref_rows.transpose(1, 2).reshape(ref.shape), rtol=1e-5, atol=1e-5)
+    assert (y - ref).norm() / ref.norm() < 0.02
+    # state dict: plain flattened int8 layout; meta build + load reproduces outputs
+    sd = mod.state_dict()
+    assert (
+        sd["qweight"].shape == (5, 6 * conv.kernel_size[0] * conv.kernel_size[1]) and sd["qweight"].dtype == torch.int8
+    )
+    meta = W8A8Conv2d(6, 5, conv.kernel_size, conv.stride, conv.padding, has_smooth_scale=True, device="meta")
+    new = meta.to_empty(device="cpu")
+    new.load_state_dict(sd)
+    assert torch.equal(new.prepack_()(x), y)
+    assert mod.memory_footprint() == sd["qweight"].numel() + 4 * 5 + 4 * 5 + 4 * 6
+
+
+def test_w8a8_conv2d_rejects_unsupported():
+    from effalg.core.modules import W8A8Conv2d
+
+    with pytest.raises(ValueError, match="groups=1"):
+        W8A8Conv2d.from_float(nn.Conv2d(4, 4, 3, groups=2))
+    with pytest.raises(ValueError, match="padding_mode"):
+        W8A8Conv2d.from_float(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"))

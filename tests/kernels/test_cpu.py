@@ -1,0 +1,115 @@
+"""The fast CPU implementations against the plain-PyTorch references, on realistic shapes."""
+
+import pytest
+import torch
+
+import effalg.kernels as K
+from effalg.kernels import cpu, reference
+
+FLOATS = [torch.float32, torch.bfloat16, torch.float16]
+# Relative to max|ref|: the CPU path rounds the GEMM result to the output dtype once before the per-token scale.
+TOL = {torch.float32: 1e-6, torch.bfloat16: 2**-7, torch.float16: 2**-9}
+SHAPES = [(1, 64, 96), (7, 1152, 96), (64, 1152, 4608), (300, 64, 4608), (33, 72, 40)]
+
+
+def _rel(out, ref):
+    return float((out.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30))
+
+
+@pytest.fixture(autouse=True)
+def _seed():
+    torch.manual_seed(0)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("group_size", [0, 8, 64])
+def test_quantize_per_token_bit_exact(dtype, group_size):
+    x = torch.randn(3, 17, 192).to(dtype) * 4
+    x[0, 0] = 0  # an all-zero token gets the floor scale
+    x[1, 2, :4] = torch.tensor([0.5, -0.5, 1.5, 2.5]).to(dtype)  # ties
+    q, s = cpu.quantize_per_token_cpu(x, group_size)
+    q_ref, s_ref = reference.quantize_per_token_ref(x, group_size)
+    assert q.dtype == torch.int8 and s.dtype == torch.float32
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("M,Kd,N", SHAPES)
+@pytest.mark.parametrize("prepacked", [False, True])
+def test_w8a8_linear_matches_reference(dtype, M, Kd, N, prepacked):
+    x = torch.randn(M, Kd).to(dtype)
+    w = torch.randint(-127, 128, (N, Kd), dtype=torch.int8)
+    w_scale = torch.rand(N) * 0.01 + 1e-3
+    bias = torch.randn(N).to(dtype) if M % 2 else None
+    wl = K.prepack_int8_weight(w) if prepacked else w
+    out = cpu.w8a8_linear_cpu(x, wl, w_scale, bias)
+    ref = reference.w8a8_linear_ref(x, w, w_scale, bias)
+    assert out.dtype == dtype and out.shape == (M, N)
+    assert _rel(out, ref) <= TOL[dtype]
+
+
+def test_dispatch_reaches_cpu_kernels_for_plain_and_prepacked(monkeypatch):
+    """torch.ops.effalg.* on CPU tensors runs the fast path (not the reference), for both weight layouts."""
+    x = torch.randn(5, 64)
+    w = torch.randint(-127, 128, (24, 64), dtype=torch.int8)
+    s = torch.rand(24)
+    out_plain = K.w8a8_linear(x, w, s)
+    out_packed = K.w8a8_linear(x, K.prepack_int8_weight(w), s)
+    assert torch.equal(out_plain, cpu.w8a8_linear_cpu(x, w, s, None))
+    assert torch.equal(out_plain, out_packed)  # same numbers whatever the layout
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+def test_int8_scaled_mm_int32_part_exact(dtype):
+    a = torch.randint(-128, 128, (40, 1152), dtype=torch.int8)
+    w = torch.randint(-128, 128, (96, 1152), dtype=torch.int8)
+    ones_a, ones_w = torch.ones(40, 1), torch.ones(96)
+    exact = a.double() @ w.double().t()
+    for wl in (w, K.prepack_int8_weight(w)):
+        out = cpu.int8_scaled_mm_cpu(a, ones_a, wl, ones_w, None, torch.float32)
+        assert torch.equal(out.double(), exact)  # |acc| < 2**24 here, so fp32 holds it exactly
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("group_size", [0, 32])
+@pytest.mark.parametrize("M,Kd,N", [(1, 64, 96), (64, 1152, 256), (33, 72, 40)])
+def test_w4a8_linear_matches_reference(dtype, group_size, M, Kd, N):
+    if group_size and Kd % group_size:
+        pytest.skip("group must divide K")
+    x = torch.randn(M, Kd).to(dtype)
+    q = torch.randint(-8, 8, (N, Kd), dtype=torch.int8)
+    w = K.pack_int4_symmetric(q)
+    G = 1 if group_size == 0 else Kd // group_size
+    scale = torch.rand(N, G) * 0.01 + 1e-3
+    bias = torch.randn(N).to(dtype)
+    out = cpu.w4a8_linear_cpu(x, w, scale, group_size, bias)
+    ref = reference.w4a8_linear_ref(x, w, scale, group_size, bias)
+    assert out.dtype == dtype
+    assert _rel(out, ref) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("group_size", [0, 64])
+@pytest.mark.parametrize("M", [1, 37])
+def test_weight_only_linear_matches_reference(dtype, bits, group_size, M):
+    Kd, N = 256, 192
+    x = torch.randn(M, Kd).to(dtype)
+    codes = torch.randint(0, 2**bits, (N, Kd), dtype=torch.uint8)
+    w = K.pack_bits(codes, bits)
+    G = 1 if group_size == 0 else Kd // group_size
+    scale = (torch.rand(N, G) * 0.02 + 1e-3).to(dtype)
+    zero = torch.full((N, G), 2 ** (bits - 1), dtype=dtype)
+    out = cpu.weight_only_linear_cpu(x, w, scale, zero, bits, group_size, None)
+    ref = reference.weight_only_linear_ref(x, w, scale, zero, bits, group_size, None)
+    assert _rel(out, ref) <= 4 * TOL[dtype]  # float GEMM in the activation dtype
+
+
+def test_w8a8_linear_batched_leading_dims():
+    x = torch.randn(2, 5, 3, 64, dtype=torch.bfloat16)
+    w = torch.randint(-127, 128, (32, 64), dtype=torch.int8)
+    s = torch.rand(32)
+    out = K.w8a8_linear(x, K.prepack_int8_weight(w), s)
+    ref = reference.w8a8_linear_ref(x, w, s)
+    assert out.shape == (2, 5, 3, 32)
+    assert _rel(out, ref) <= TOL[torch.bfloat16]
