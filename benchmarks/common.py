@@ -40,6 +40,7 @@ def module_bytes(module: torch.nn.Module, prefix_filter: Callable[[str], bool] |
     total = 0
     seen: set[int] = set()
     for name, t in list(module.named_parameters()) + list(module.named_buffers()):
+        name = name.removeprefix("_orig_mod.")  # torch.compile'd modules
         if prefix_filter is not None and not prefix_filter(name):
             continue
         if id(t) in seen:

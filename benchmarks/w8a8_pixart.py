@@ -92,11 +92,20 @@ def main(argv=None):
     ap.add_argument("--skip-peers", action="store_true", help="skip torchao and optimum-quanto")
     ap.add_argument("--skip-compile", action="store_true")
     ap.add_argument("--json", help="write the results to this JSON file")
+    ap.add_argument(
+        "--default-malloc",
+        action="store_true",
+        help="keep glibc's default mmap threshold (every large op output then page-faults; all variants suffer)",
+    )
     args = ap.parse_args(argv)
     warnings.filterwarnings("ignore")
     logging.getLogger("torch").setLevel(logging.ERROR)
 
     import effalg.core as ec
+    import effalg.kernels
+
+    if not args.default_malloc:  # applies to every variant alike
+        effalg.kernels.configure_allocator()
 
     base = build_model(args.blocks)
     x32 = make_inputs(torch.float32)

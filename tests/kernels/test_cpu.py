@@ -113,3 +113,13 @@ def test_w8a8_linear_batched_leading_dims():
     ref = reference.w8a8_linear_ref(x, w, s)
     assert out.shape == (2, 5, 3, 32)
     assert _rel(out, ref) <= TOL[torch.bfloat16]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_quantizer_bit_exact_on_large_inputs(dtype):
+    """Inputs above FUSED_QUANT_MIN_NUMEL take the inductor-fused path; it must equal the reference bit for bit."""
+    x = torch.randn(129, 1152).to(dtype) * 3
+    assert x.numel() >= cpu.FUSED_QUANT_MIN_NUMEL
+    q, s = cpu.quantize_per_token_cpu(x)
+    q_ref, s_ref = reference.quantize_per_token_ref(x)
+    assert torch.equal(q, q_ref) and torch.equal(s, s_ref)

@@ -104,7 +104,8 @@ def test_torch_compile_fullgraph_w8a8(prepacked):
         return K.w8a8_linear(x, m.w, m.s) * 2
 
     out = torch.compile(f, fullgraph=True)(x)
-    assert torch.equal(out, f(x))
+    # Compiled, the CPU op is traced as quantize + GEMM + epilogue and inductor may round the epilogue differently.
+    torch.testing.assert_close(out, f(x), rtol=1e-6, atol=1e-5)
 
 
 def test_torch_compile_fullgraph_all_ops():

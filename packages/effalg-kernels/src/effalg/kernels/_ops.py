@@ -34,7 +34,7 @@ def _(x: torch.Tensor, group_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]
 @torch.library.custom_op("effalg::int8_scaled_mm", mutates_args=())
 def int8_scaled_mm(
     a: torch.Tensor,
-    a_scale: torch.Tensor,
+    a_scale: Optional[torch.Tensor],
     w: torch.Tensor,
     w_scale: torch.Tensor,
     bias: Optional[torch.Tensor],

@@ -9,13 +9,17 @@
 
 from __future__ import annotations
 
+import logging
+import os
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
 from .packing import unpack_bits, unpack_int4_symmetric
-from .reference import AMAX_EPS
+from .reference import quantize_groups
+
+logger = logging.getLogger(__name__)
 
 __all__ = ["prepack_int8_weight", "unpack_int8_weight", "onednn_int8_available", "configure_allocator", "register"]
 
@@ -61,15 +65,39 @@ def configure_allocator(mmap_threshold: int = 1 << 30) -> bool:
         return False
 
 
+#: Inputs at least this large use the fused (inductor-generated, one read for the max and one for the codes)
+#: quantizer; smaller ones run the same math in eager mode. ``EFFALG_CPU_FUSED_QUANT=0`` disables fusion.
+FUSED_QUANT_MIN_NUMEL = 1 << 16
+_fused_quant = None
+
+
+def _fused_quantizer():
+    global _fused_quant
+    if _fused_quant is None:
+        _fused_quant = False
+        if os.environ.get("EFFALG_CPU_FUSED_QUANT", "1") != "0":
+            try:
+                _fused_quant = torch.compile(quantize_groups, dynamic=True)
+            except Exception as e:  # no inductor/compiler: stay correct, just slower
+                logger.warning("effalg: fused CPU quantization unavailable (%s); using eager ops", e)
+    return _fused_quant
+
+
 def _quantize_rows(x2: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    global _fused_quant
     K = x2.shape[-1]
     gs = K if group_size == 0 else group_size
-    xf = x2.reshape(x2.shape[0], K // gs, gs)
-    if xf.dtype != torch.float32:
-        xf = xf.float()
-    amax = torch.amax(torch.abs(xf), dim=-1)  # [M, G]
-    scale = amax.clamp_(min=AMAX_EPS).div_(127.0)
-    q = torch.div(xf, scale.unsqueeze(-1)).round_().clamp_(-127, 127).to(torch.int8)
+    xg = x2.reshape(x2.shape[0], K // gs, gs)
+    fused = _fused_quantizer() if x2.numel() >= FUSED_QUANT_MIN_NUMEL else False
+    if fused:
+        try:
+            q, scale = fused(xg)
+        except Exception as e:  # e.g. no C++ compiler on this machine
+            logger.warning("effalg: fused CPU quantization failed (%s); using eager ops", e)
+            _fused_quant = False
+            q, scale = quantize_groups(xg)
+    else:
+        q, scale = quantize_groups(xg)
     return q.reshape(x2.shape), scale
 
 
@@ -84,8 +112,11 @@ def _int32_gemm(a: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     return torch._int_mm(a.contiguous(), w.t())
 
 
-def _epilogue(y: torch.Tensor, a_scale: torch.Tensor, bias: Optional[torch.Tensor], out_dtype: torch.dtype):
+def _epilogue(y: torch.Tensor, a_scale: Optional[torch.Tensor], bias: Optional[torch.Tensor], out_dtype: torch.dtype):
     """``y * a_scale + bias`` in one pass (in place when ``y`` already has ``out_dtype``)."""
+    if a_scale is None:
+        y = y if bias is None else y.add_(bias.to(y.dtype))
+        return y.to(out_dtype)
     s = a_scale.reshape(-1, 1).to(y.dtype)
     if y.dtype == out_dtype:
         if bias is None:
@@ -98,7 +129,7 @@ def _epilogue(y: torch.Tensor, a_scale: torch.Tensor, bias: Optional[torch.Tenso
 
 def int8_scaled_mm_cpu(
     a: torch.Tensor,
-    a_scale: torch.Tensor,
+    a_scale: Optional[torch.Tensor],
     w: torch.Tensor,
     w_scale: torch.Tensor,
     bias: Optional[torch.Tensor],

@@ -13,6 +13,7 @@ import torch
 
 from . import _ops  # noqa: F401  (declares torch.ops.effalg.*)
 from .packing import packed_size
+from .reference import quantize_groups
 
 __all__ = [
     "MAX_INT8_K",
@@ -112,22 +113,26 @@ def quantize_per_token(x: torch.Tensor, group_size: int = 0) -> tuple[torch.Tens
 
 def int8_scaled_mm(
     a: torch.Tensor,
-    a_scale: torch.Tensor,
+    a_scale: Optional[torch.Tensor],
     w: torch.Tensor,
     w_scale: torch.Tensor,
     bias: Optional[torch.Tensor] = None,
     out_dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """``(a @ w.T) * a_scale * w_scale + bias`` for int8 ``a[M, K]`` and int8 ``w[N, K]`` (plain or prepacked)."""
+    """``(a @ w.T) * a_scale * w_scale + bias`` for int8 ``a[M, K]`` and int8 ``w[N, K]`` (plain or prepacked).
+
+    ``a_scale`` (``float32[M, 1]``) may be None: the per-token scale is then left to the caller.
+    """
     fn = "int8_scaled_mm"
     _tensor(fn, "a", a, dtypes=(torch.int8,), ndim=2)
     K = int(a.shape[1])
     N = _check_w_scale(fn, w_scale)
     _check_int8_weight(fn, w, N, K)
     _check_k(fn, K)
-    _tensor(fn, "a_scale", a_scale, dtypes=(torch.float32,))
-    if tuple(a_scale.shape) != (a.shape[0], 1):
-        raise ValueError(f"{fn}: a_scale must have shape ({a.shape[0]}, 1), got {tuple(a_scale.shape)}")
+    if a_scale is not None:
+        _tensor(fn, "a_scale", a_scale, dtypes=(torch.float32,))
+        if tuple(a_scale.shape) != (a.shape[0], 1):
+            raise ValueError(f"{fn}: a_scale must have shape ({a.shape[0]}, 1), got {tuple(a_scale.shape)}")
     _check_bias(fn, bias, N)
     if out_dtype not in _FLOATS:
         raise TypeError(f"{fn}: out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
@@ -149,6 +154,14 @@ def w8a8_linear(
     _check_k(fn, K)
     _check_bias(fn, bias, N)
     _same_device(fn, x, w=w, w_scale=w_scale, bias=bias)
+    if x.device.type == "cpu" and torch.compiler.is_compiling():
+        # Under torch.compile on CPU the op is traced as its parts, so that inductor fuses the quantization with the
+        # producer of x and the per-token scale + bias with the consumer of the output; only the GEMM stays opaque.
+        x2 = x.reshape(-1, K)
+        q, scale = quantize_groups(x2.reshape(x2.shape[0], 1, K))
+        y = torch.ops.effalg.int8_scaled_mm(q.reshape(x2.shape), None, w, w_scale, None, x.dtype)
+        y = y * scale.to(y.dtype) if bias is None else torch.addcmul(bias.to(y.dtype), y, scale.to(y.dtype))
+        return y.reshape(*x.shape[:-1], N)
     return torch.ops.effalg.w8a8_linear(x, w, w_scale, bias)
 
 

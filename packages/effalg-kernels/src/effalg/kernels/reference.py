@@ -15,6 +15,7 @@ import torch
 from .packing import unpack_bits, unpack_int4_symmetric
 
 __all__ = [
+    "quantize_groups",
     "quantize_per_token_ref",
     "int8_scaled_mm_ref",
     "w8a8_linear_ref",
@@ -34,26 +35,32 @@ def dense_int8_weight(w: torch.Tensor) -> torch.Tensor:
     return w
 
 
-def quantize_per_token_ref(x: torch.Tensor, group_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric dynamic int8 quantization along the last dim.
+def quantize_groups(xg: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Quantize ``xg[..., G, gs]`` per last-dim group: ``(q: int8[..., G, gs], scale: float32[..., G])``.
 
-    ``scale = max(amax, 1e-8) / 127`` (float32) per token (``group_size == 0``) or per group of ``group_size``
-    consecutive elements; ``q = clamp(round(x / scale), -127, 127)`` with round-half-to-even, the division done in
-    float32. Returns ``(q: int8[..., K], scale: float32[..., G])``.
+    ``scale = max(amax, 1e-8) / 127`` in float32, ``q = clamp(round(x / scale), -127, 127)`` with the division in
+    float32 and round-half-to-even. Only plain torch ops, so it traces and fuses under ``torch.compile``.
+    """
+    xf = xg.to(torch.float32)
+    scale = torch.clamp(xf.abs().amax(dim=-1), min=AMAX_EPS) / 127.0
+    q = torch.round(xf / scale.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
+    return q, scale
+
+
+def quantize_per_token_ref(x: torch.Tensor, group_size: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric dynamic int8 quantization along the last dim, per token (``group_size == 0``) or per group of
+    ``group_size`` consecutive elements (see :func:`quantize_groups`). Returns ``(q: int8[..., K], scale:
+    float32[..., G])``.
     """
     K = x.shape[-1]
     gs = K if group_size == 0 else group_size
-    G = K // gs
-    xf = x.to(torch.float32).reshape(*x.shape[:-1], G, gs)
-    amax = xf.abs().amax(dim=-1)  # [..., G]
-    scale = torch.clamp(amax, min=AMAX_EPS) / 127.0
-    q = torch.round(xf / scale.unsqueeze(-1)).clamp(-127, 127).to(torch.int8)
+    q, scale = quantize_groups(x.reshape(*x.shape[:-1], K // gs, gs))
     return q.reshape(x.shape), scale
 
 
 def int8_scaled_mm_ref(
     a: torch.Tensor,
-    a_scale: torch.Tensor,
+    a_scale: Optional[torch.Tensor],
     w: torch.Tensor,
     w_scale: torch.Tensor,
     bias: Optional[torch.Tensor],
@@ -61,11 +68,14 @@ def int8_scaled_mm_ref(
 ) -> torch.Tensor:
     """``(a @ w.T) * a_scale * w_scale + bias`` with exact integer accumulation, rounded once to ``out_dtype``.
 
-    ``a: int8[M, K]``, ``a_scale: float32[M, 1]``, ``w: int8[N, K]`` (or prepacked), ``w_scale: float32[N]``.
+    ``a: int8[M, K]``, ``a_scale: float32[M, 1]`` or None (no per-token scale), ``w: int8[N, K]`` (or prepacked),
+    ``w_scale: float32[N]``.
     """
     wd = dense_int8_weight(w)
     acc = a.to(torch.float64) @ wd.to(torch.float64).t()  # exact: |acc| <= K * 128 * 128 < 2**53
-    y = acc * a_scale.to(torch.float64).reshape(-1, 1) * w_scale.to(torch.float64).reshape(1, -1)
+    y = acc * w_scale.to(torch.float64).reshape(1, -1)
+    if a_scale is not None:
+        y = y * a_scale.to(torch.float64).reshape(-1, 1)
     if bias is not None:
         y = y + bias.to(torch.float64)
     return y.to(out_dtype)

@@ -52,12 +52,14 @@ def _cuda_quantize_per_token(x: torch.Tensor, group_size: int = 0) -> tuple[torc
 
 def _cuda_int8_scaled_mm(
     a: torch.Tensor,
-    a_scale: torch.Tensor,
+    a_scale: Optional[torch.Tensor],
     w: torch.Tensor,
     w_scale: torch.Tensor,
     bias: Optional[torch.Tensor],
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
+    if a_scale is None:
+        a_scale = torch.ones(a.shape[0], 1, dtype=torch.float32, device=a.device)
     return triton_int8_scaled_mm(a, a_scale, w, w_scale, bias, out_dtype)
 
 
