@@ -1,1 +1,33 @@
-"""effalg methods for diffusers."""
+"""effalg methods for diffusers.
+
+``import effalg.diffusers`` registers the effalg quantization methods with diffusers (diffusers >=0.42,<0.43), so
+that ``quantization_config=EffalgLinearConfig(...)`` works in ``ModelMixin.from_pretrained`` and
+``DiffusionPipeline.from_pretrained``, and saved effalg checkpoints load with a plain ``from_pretrained``.
+"""
+
+from ._registry import SUPPORTED_DIFFUSERS, check_diffusers_version, register_quantization_method
+
+check_diffusers_version()
+
+from .config import (  # noqa: E402
+    DEFAULT_MODULES_TO_NOT_CONVERT,
+    EffalgDiffusersConfig,
+    EffalgLinearConfig,
+    EffalgQuantMethod,
+    default_modules_to_not_convert,
+)
+from .quantizer import EffalgDiffusersQuantizer, EffalgLinearQuantizer  # noqa: E402
+
+register_quantization_method(EffalgLinearConfig, EffalgLinearQuantizer)
+
+__all__ = [
+    "DEFAULT_MODULES_TO_NOT_CONVERT",
+    "SUPPORTED_DIFFUSERS",
+    "EffalgDiffusersConfig",
+    "EffalgDiffusersQuantizer",
+    "EffalgLinearConfig",
+    "EffalgLinearQuantizer",
+    "EffalgQuantMethod",
+    "default_modules_to_not_convert",
+    "register_quantization_method",
+]

@@ -1,0 +1,374 @@
+"""Tiny diffusers pipelines with seeded random weights, for tests (no downloads).
+
+Each ``make_tiny_*`` builds a pipeline, ``save_pretrained``-s it to ``path`` and returns ``(path, pipeline)``.
+Tokenizers are built locally from a fixed vocabulary. ``outlier_channels=k`` scales ``k`` output channels of the
+value projections and of the first feed-forward projections by ``outlier_scale``, so the inputs of the following
+linear layers (attention output / FFN down projections) have channel outliers, as in real DiTs.
+
+:func:`denoiser_inputs` gives seeded forward inputs for the denoisers; :func:`run_pipeline` a deterministic call.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "FACTORIES",
+    "denoiser_inputs",
+    "inject_outlier_channels",
+    "make_tiny_flux",
+    "make_tiny_pixart_alpha",
+    "make_tiny_pixart_sigma",
+    "make_tiny_sd",
+    "make_tiny_sd3",
+    "pipeline_kwargs",
+    "run_denoiser",
+    "run_pipeline",
+]
+
+_LETTERS = "abcdefghijklmnopqrstuvwxyz"
+_OUTLIER_SUFFIXES = ("to_v", "add_v_proj", "ff.net.0.proj", "ff_context.net.0.proj", "proj_mlp")
+
+
+def _clip_tokenizer(max_length: int = 16):
+    from transformers import CLIPTokenizer
+
+    vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
+    for i, ch in enumerate(_LETTERS):
+        vocab[ch] = 2 + i
+        vocab[ch + "</w>"] = 2 + len(_LETTERS) + i
+    return CLIPTokenizer(vocab=vocab, merges=[], model_max_length=max_length)
+
+
+def _t5_tokenizer(max_length: int = 16):
+    from transformers import T5Tokenizer
+
+    vocab = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0), ("\u2581", -2.0)]
+    vocab += [(c, -1.0) for c in _LETTERS] + [("\u2581" + c, -1.5) for c in _LETTERS]
+    return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_length)
+
+
+def _clip_text(seed: int, with_projection: bool = False, hidden: int = 32):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    cfg = CLIPTextConfig(
+        vocab_size=64,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        max_position_embeddings=16,
+        projection_dim=hidden,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=1,
+        hidden_act="gelu",
+    )
+    return (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(cfg).eval()
+
+
+def _t5(seed: int, d_model: int = 32):
+    from transformers import T5Config, T5EncoderModel
+
+    torch.manual_seed(seed)
+    cfg = T5Config(
+        vocab_size=64,
+        d_model=d_model,
+        d_ff=2 * d_model,
+        d_kv=16,
+        num_layers=1,
+        num_heads=2,
+        decoder_start_token_id=0,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
+    return T5EncoderModel(cfg).eval()
+
+
+def _vae(seed: int, latent_channels: int = 4, two_levels: bool = True, **kw):
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    blocks = (8, 16) if two_levels else (8,)
+    return AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        latent_channels=latent_channels,
+        block_out_channels=blocks,
+        down_block_types=("DownEncoderBlock2D",) * len(blocks),
+        up_block_types=("UpDecoderBlock2D",) * len(blocks),
+        layers_per_block=1,
+        norm_num_groups=8,
+        sample_size=16,
+        **kw,
+    ).eval()
+
+
+def inject_outlier_channels(model: nn.Module, k: int, scale: float = 30.0, seed: int = 0) -> list[str]:
+    """Scale ``k`` (seeded) output channels of value / first-FFN projections in place; returns the layer names."""
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"inject_outlier_channels: k must be an int >= 0, got {k!r}")
+    if k == 0:
+        return []
+    g = torch.Generator().manual_seed(seed)
+    touched = []
+    with torch.no_grad():
+        for name, m in model.named_modules():
+            if isinstance(m, nn.Linear) and name.endswith(_OUTLIER_SUFFIXES):
+                n = (
+                    m.out_features // 2
+                    if name.endswith("net.0.proj")
+                    and "GEGLU" in type(model.get_submodule(name.rpartition(".")[0])).__name__
+                    else m.out_features
+                )
+                idx = torch.randperm(n, generator=g)[: min(k, n)]
+                m.weight[idx] *= scale
+                if m.bias is not None:
+                    m.bias[idx] *= scale
+                touched.append(name)
+    return touched
+
+
+def _finish(pipe, path, denoiser: nn.Module, outlier_channels: int, seed: int):
+    inject_outlier_channels(denoiser, outlier_channels, seed=seed)
+    os.makedirs(path, exist_ok=True)
+    pipe.save_pretrained(path)
+    return os.fspath(path), pipe
+
+
+def make_tiny_pixart_alpha(path, outlier_channels: int = 0, seed: int = 0, _sigma: bool = False):
+    """Tiny PixArt-alpha (or -sigma) pipeline: PixArtTransformer2DModel + 1-layer T5 + local T5 tokenizer."""
+    from diffusers import (
+        DPMSolverMultistepScheduler,
+        PixArtAlphaPipeline,
+        PixArtSigmaPipeline,
+        PixArtTransformer2DModel,
+    )
+
+    torch.manual_seed(seed)
+    transformer = PixArtTransformer2DModel(
+        sample_size=8,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        in_channels=4,
+        out_channels=8,
+        patch_size=2,
+        cross_attention_dim=32,
+        caption_channels=32,
+        norm_type="ada_norm_single",
+        num_embeds_ada_norm=1000,
+        use_additional_conditions=False,
+        interpolation_scale=0.5 if _sigma else None,
+    ).eval()
+    cls = PixArtSigmaPipeline if _sigma else PixArtAlphaPipeline
+    pipe = cls(
+        tokenizer=_t5_tokenizer(),
+        text_encoder=_t5(seed + 1),
+        vae=_vae(seed + 2),
+        transformer=transformer,
+        scheduler=DPMSolverMultistepScheduler(),
+    )
+    return _finish(pipe, path, transformer, outlier_channels, seed)
+
+
+def make_tiny_pixart_sigma(path, outlier_channels: int = 0, seed: int = 0):
+    """Tiny PixArt-sigma pipeline (see :func:`make_tiny_pixart_alpha`)."""
+    return make_tiny_pixart_alpha(path, outlier_channels, seed, _sigma=True)
+
+
+def make_tiny_sd(path, outlier_channels: int = 0, seed: int = 0):
+    """Tiny SD-style pipeline: UNet2DConditionModel + CLIP text encoder + local CLIP tokenizer (SD-Turbo style)."""
+    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        cross_attention_dim=32,
+        attention_head_dim=8,
+        norm_num_groups=16,
+    ).eval()
+    pipe = StableDiffusionPipeline(
+        vae=_vae(seed + 2),
+        text_encoder=_clip_text(seed + 1),
+        tokenizer=_clip_tokenizer(),
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(timestep_spacing="trailing", steps_offset=1),
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
+    return _finish(pipe, path, unet, outlier_channels, seed)
+
+
+def make_tiny_sd3(path, outlier_channels: int = 0, seed: int = 0):
+    """Tiny SD3 pipeline: SD3Transformer2DModel + two CLIP-with-projection encoders + 1-layer T5, local tokenizers."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel, StableDiffusion3Pipeline
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=8,
+        patch_size=1,
+        in_channels=4,
+        num_layers=2,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        caption_projection_dim=32,
+        pooled_projection_dim=64,
+        out_channels=4,
+        pos_embed_max_size=16,
+    ).eval()
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_vae(
+            seed + 2,
+            two_levels=False,
+            shift_factor=0.0609,
+            scaling_factor=1.5035,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        ),
+        text_encoder=_clip_text(seed + 1, True),
+        tokenizer=_clip_tokenizer(),
+        text_encoder_2=_clip_text(seed + 3, True),
+        tokenizer_2=_clip_tokenizer(),
+        text_encoder_3=_t5(seed + 4),
+        tokenizer_3=_t5_tokenizer(),
+    )
+    return _finish(pipe, path, transformer, outlier_channels, seed)
+
+
+def make_tiny_flux(path, outlier_channels: int = 0, seed: int = 0):
+    """Tiny Flux pipeline: FluxTransformer2DModel + CLIP + 1-layer T5, local tokenizers."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1,
+        in_channels=4,
+        num_layers=1,
+        num_single_layers=1,
+        attention_head_dim=16,
+        num_attention_heads=2,
+        joint_attention_dim=32,
+        pooled_projection_dim=32,
+        axes_dims_rope=[4, 4, 8],
+    ).eval()
+    pipe = FluxPipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        vae=_vae(
+            seed + 2,
+            latent_channels=1,
+            two_levels=False,
+            shift_factor=0.0609,
+            scaling_factor=1.5035,
+            use_quant_conv=False,
+            use_post_quant_conv=False,
+        ),
+        text_encoder=_clip_text(seed + 1),
+        tokenizer=_clip_tokenizer(),
+        text_encoder_2=_t5(seed + 3),
+        tokenizer_2=_t5_tokenizer(),
+    )
+    return _finish(pipe, path, transformer, outlier_channels, seed)
+
+
+#: name -> (factory, denoiser component name)
+FACTORIES = {
+    "pixart_alpha": (make_tiny_pixart_alpha, "transformer"),
+    "pixart_sigma": (make_tiny_pixart_sigma, "transformer"),
+    "sd": (make_tiny_sd, "unet"),
+    "sd3": (make_tiny_sd3, "transformer"),
+    "flux": (make_tiny_flux, "transformer"),
+}
+
+
+def denoiser_inputs(model: nn.Module, seed: int = 0, batch: int = 2) -> dict[str, Any]:
+    """Seeded forward kwargs (``return_dict=False``) for the tiny denoisers built here."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+    name = type(model).__name__
+    cfg = model.config
+    g = torch.Generator().manual_seed(seed)
+
+    def r(*shape):
+        return torch.randn(*shape, generator=g)
+
+    t = torch.tensor([999, 500][:batch] + [250] * max(0, batch - 2))
+    if name == "PixArtTransformer2DModel":
+        return dict(
+            hidden_states=r(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size),
+            encoder_hidden_states=r(batch, 6, cfg.caption_channels),
+            timestep=t,
+            added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+            return_dict=False,
+        )
+    if name == "UNet2DConditionModel":
+        return dict(
+            sample=r(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size),
+            timestep=t,
+            encoder_hidden_states=r(batch, 6, cfg.cross_attention_dim),
+            return_dict=False,
+        )
+    if name == "SD3Transformer2DModel":
+        return dict(
+            hidden_states=r(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size),
+            encoder_hidden_states=r(batch, 6, cfg.joint_attention_dim),
+            pooled_projections=r(batch, cfg.pooled_projection_dim),
+            timestep=t,
+            return_dict=False,
+        )
+    if name == "FluxTransformer2DModel":
+        return dict(
+            hidden_states=r(batch, 16, cfg.in_channels),
+            encoder_hidden_states=r(batch, 6, cfg.joint_attention_dim),
+            pooled_projections=r(batch, cfg.pooled_projection_dim),
+            timestep=t.float() / 1000,
+            img_ids=torch.zeros(16, 3),
+            txt_ids=torch.zeros(6, 3),
+            return_dict=False,
+        )
+    raise TypeError(f"denoiser_inputs: unsupported model {name}")
+
+
+@torch.no_grad()
+def run_denoiser(model: nn.Module, seed: int = 0) -> torch.Tensor:
+    """``model(**denoiser_inputs(model, seed))[0]``."""
+    return model(**denoiser_inputs(model, seed))[0]
+
+
+def pipeline_kwargs(pipe, seed: int = 0) -> dict[str, Any]:
+    """Deterministic, fast call kwargs for the tiny pipelines (2 steps, small images, ``output_type="pt"``)."""
+    kw: dict[str, Any] = dict(
+        prompt="a cat", num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(seed)
+    )
+    name = type(pipe).__name__
+    if name.startswith("PixArt"):
+        kw.update(height=16, width=16, use_resolution_binning=False, max_sequence_length=16, clean_caption=False)
+    elif name == "StableDiffusionPipeline":
+        kw.update(height=16, width=16, guidance_scale=1.0)
+    elif name == "StableDiffusion3Pipeline":
+        kw.update(height=8, width=8, max_sequence_length=16)
+    elif name == "FluxPipeline":
+        kw.update(height=8, width=8, max_sequence_length=16, guidance_scale=1.0)
+    return kw
+
+
+@torch.no_grad()
+def run_pipeline(pipe, seed: int = 0) -> torch.Tensor:
+    """Images of a deterministic tiny pipeline call (see :func:`pipeline_kwargs`)."""
+    return pipe(**pipeline_kwargs(pipe, seed)).images
