@@ -1,0 +1,140 @@
+"""Tiny transformers models with seeded random weights, saved with ``save_pretrained`` (for tests and demos)."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import torch
+from torch import nn
+
+__all__ = [
+    "TINY_FACTORIES",
+    "VISION_SKIP_PATTERNS",
+    "inject_outlier_channels",
+    "tiny_llama",
+    "tiny_llava",
+    "tiny_qwen2",
+    "tiny_qwen2_vl",
+    "tiny_text_inputs",
+]
+
+#: ``modules_to_not_convert`` patterns keeping each VLM's vision tower (and projector) in float.
+VISION_SKIP_PATTERNS = {
+    "llava": ["model.vision_tower", "model.multi_modal_projector", "lm_head"],
+    "qwen2_vl": ["model.visual", "lm_head"],
+}
+
+_TEXT = dict(vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+
+
+def inject_outlier_channels(model: nn.Module, k: int, scale: float = 20.0, seed: int = 0) -> list[int]:
+    """Scale ``k`` hidden channels of every decoder RMSNorm weight so q/k/v and MLP inputs carry channel outliers.
+
+    Returns the chosen channel indices (the same for every norm, as in real LLMs).
+    """
+    if isinstance(k, bool) or not isinstance(k, int) or k < 0:
+        raise ValueError(f"inject_outlier_channels: k must be an int >= 0, got {k!r}")
+    norms = [m for n, m in model.named_modules() if n.endswith(("input_layernorm", "post_attention_layernorm"))]
+    if not norms or k == 0:
+        return []
+    hidden = norms[0].weight.shape[0]
+    if k > hidden:
+        raise ValueError(f"inject_outlier_channels: k ({k}) exceeds the hidden size ({hidden})")
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randperm(hidden, generator=g)[:k]
+    with torch.no_grad():
+        for m in norms:
+            m.weight[idx] *= scale
+    return idx.tolist()
+
+
+def _finish(model: nn.Module, path: str | os.PathLike | None, outlier_channels: int) -> tuple[str, nn.Module]:
+    inject_outlier_channels(model, outlier_channels)
+    model.eval()
+    if path is None:
+        import tempfile
+
+        path = tempfile.mkdtemp(prefix=f"effalg-tiny-{type(model).__name__.lower()}-")
+    model.save_pretrained(str(path))
+    return str(path), model
+
+
+def _seeded(seed: int):
+    torch.manual_seed(seed)
+
+
+def tiny_llama(path: str | None = None, *, seed: int = 0, outlier_channels: int = 0, **overrides: Any):
+    """Tiny ``LlamaForCausalLM`` (hidden 64, 2 layers, 4 heads); returns ``(path, model)``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    _seeded(seed)
+    cfg = LlamaConfig(**{**_TEXT, "num_key_value_heads": 4, **overrides})
+    return _finish(LlamaForCausalLM(cfg), path, outlier_channels)
+
+
+def tiny_qwen2(path: str | None = None, *, seed: int = 0, outlier_channels: int = 0, **overrides: Any):
+    """Tiny ``Qwen2ForCausalLM`` with grouped-query attention (4 query heads, 2 KV heads); returns ``(path, model)``."""
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    _seeded(seed)
+    cfg = Qwen2Config(**{**_TEXT, "num_key_value_heads": 2, **overrides})
+    return _finish(Qwen2ForCausalLM(cfg), path, outlier_channels)
+
+
+def tiny_llava(path: str | None = None, *, seed: int = 0, outlier_channels: int = 0):
+    """Tiny ``LlavaForConditionalGeneration`` (CLIP vision 32x32 px, 16 image tokens, id 255); ``(path, model)``."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    _seeded(seed)
+    vc = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        projection_dim=32,
+    )
+    tc = LlamaConfig(**{**_TEXT, "num_key_value_heads": 2})
+    cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_id=255, projector_hidden_act="gelu")
+    return _finish(LlavaForConditionalGeneration(cfg), path, outlier_channels)
+
+
+def tiny_qwen2_vl(path: str | None = None, *, seed: int = 0, outlier_channels: int = 0):
+    """Tiny ``Qwen2VLForConditionalGeneration`` (loads with ``AutoModelForImageTextToText``); ``(path, model)``."""
+    from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
+
+    _seeded(seed)
+    cfg = Qwen2VLConfig(
+        text_config=dict(
+            **_TEXT,
+            num_key_value_heads=2,
+            bos_token_id=1,
+            eos_token_id=2,
+            rope_parameters={"rope_type": "default", "mrope_section": [2, 2, 4], "rope_theta": 10000.0},
+        ),
+        vision_config=dict(
+            depth=2,
+            embed_dim=32,
+            hidden_size=64,
+            num_heads=2,
+            in_chans=3,
+            patch_size=14,
+            spatial_merge_size=2,
+            temporal_patch_size=2,
+        ),
+        image_token_id=250,
+        video_token_id=251,
+        vision_start_token_id=252,
+    )
+    return _finish(Qwen2VLForConditionalGeneration(cfg), path, outlier_channels)
+
+
+def tiny_text_inputs(batch: int = 2, seq: int = 8, vocab: int = 200, seed: int = 0) -> torch.Tensor:
+    """Deterministic ``input_ids`` ``[batch, seq]``."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, vocab, (batch, seq), generator=g)
+
+
+TINY_FACTORIES = {"llama": tiny_llama, "qwen2": tiny_qwen2, "llava": tiny_llava, "qwen2_vl": tiny_qwen2_vl}
