@@ -48,20 +48,13 @@ import torch
 from torch import nn
 
 from ..metrics import psnr, sqnr
+from ..modules.base import memory_footprint
 
 __all__ = ["QuantizationConformanceMixin", "module_memory_bytes"]
 
 
-def module_memory_bytes(model: nn.Module) -> int:
-    """Bytes of ``model``'s parameters and buffers, each tensor counted once."""
-    seen: set[int] = set()
-    total = 0
-    for t in list(model.parameters()) + list(model.buffers()):
-        if id(t) in seen:
-            continue
-        seen.add(id(t))
-        total += t.numel() * t.element_size()
-    return total
+#: Bytes of a model's parameters and buffers, each tensor once (the footprint every effalg module reports).
+module_memory_bytes = memory_footprint
 
 
 class QuantizationConformanceMixin:
