@@ -36,7 +36,7 @@ case "${1:-}" in
         ;;
     test)
         setup
-        "$PY" -m ruff check packages tests benchmarks examples scripts
+        "$PY" -m ruff check packages tests benchmarks examples scripts reference_models
         # Triton kernels are checked on the CPU through the interpreter.
         export TRITON_INTERPRET=1
         set +e

@@ -25,8 +25,9 @@ def reference_models_dir() -> Path:
     raise FileNotFoundError("reference_models/ not found; set EFFALG_REFERENCE_MODELS")
 
 
-def load_reference_t2i(path: str | os.PathLike | None = None, device: str | torch.device = "cpu",
-                       dtype: torch.dtype = torch.float32) -> Any:
+def load_reference_t2i(
+    path: str | os.PathLike | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
+) -> Any:
     """The trained shapes ``PixArtAlphaPipeline`` (32x32 images).
 
     Call it with ``use_resolution_binning=False`` (its sample size is not one of PixArt's binned ones), e.g.
@@ -35,8 +36,10 @@ def load_reference_t2i(path: str | os.PathLike | None = None, device: str | torc
     """
     from diffusers import PixArtAlphaPipeline
 
-    pipe = PixArtAlphaPipeline.from_pretrained(path or reference_models_dir() / T2I_NAME, torch_dtype=dtype)
+    pipe = PixArtAlphaPipeline.from_pretrained(path or reference_models_dir() / T2I_NAME)
     pipe.set_progress_bar_config(disable=True)
+    if dtype != torch.float32:
+        pipe = pipe.to(dtype=dtype)
     return pipe.to(device)
 
 
@@ -50,15 +53,21 @@ def load_reference_lm(path: str | os.PathLike | None = None, device: str | torch
 
 
 @torch.no_grad()
-def fake_quantize_weights(module: torch.nn.Module, bits: int = 3, types: tuple[type, ...] = (torch.nn.Linear,)) -> int:
-    """In place: round the weight of every ``types`` submodule to ``bits``-bit symmetric per-output-channel
-    integers (naive round-to-nearest, absmax scale). Returns how many modules were changed."""
+def fake_quantize_weights(
+    module: torch.nn.Module,
+    bits: int = 3,
+    types: tuple[type, ...] = (torch.nn.Linear, torch.nn.Conv2d),
+    per_channel: bool = False,
+) -> int:
+    """In place: round the weight of every ``types`` submodule to ``bits``-bit symmetric integers (naive
+    round-to-nearest, absmax scale per tensor, or per output channel with ``per_channel``). Returns how many
+    modules were changed."""
     qmax = 2 ** (bits - 1) - 1
     n = 0
     for m in module.modules():
         if isinstance(m, types) and getattr(m, "weight", None) is not None:
             w = m.weight
-            flat = w.reshape(w.shape[0], -1)
+            flat = w.reshape(w.shape[0], -1) if per_channel else w.reshape(1, -1)
             scale = flat.abs().amax(dim=1, keepdim=True).clamp_min(1e-12) / qmax
             q = (flat / scale).round().clamp(-qmax - 1, qmax) * scale
             w.copy_(q.reshape(w.shape))

@@ -5,8 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 _LM_COLS = [("retrieval_acc", "retr"), ("arith_acc", "arith"), ("loss", "loss")]
-_T2I_COLS = [("shape_acc", "shape"), ("color_acc", "color"), ("bg_acc", "bg"), ("all_acc", "all"),
-             ("frechet", "FD")]
+_T2I_COLS = [("shape_acc", "shape"), ("color_acc", "color"), ("bg_acc", "bg"), ("all_acc", "all"), ("frechet", "FD")]
 
 
 def _fmt(v: Any) -> str:
@@ -30,8 +29,12 @@ def format_table(results: dict[str, dict[str, Any]] | list[tuple[str, dict[str, 
             cols = list(_LM_COLS)
             lengths = [str(x) for x in rows[0][1].get("by_length", {})]
             head = ["model"] + [c[1] for c in cols] + [f"retr@{x}" for x in lengths]
-            body = [[n] + [_fmt(r[c[0]]) for c in cols]
-                    + [_fmt(r["by_length"].get(x, {}).get("retrieval_acc", "-")) for x in lengths] for n, r in rows]
+            body = [
+                [n]
+                + [_fmt(r[c[0]]) for c in cols]
+                + [_fmt(r["by_length"].get(x, {}).get("retrieval_acc", "-")) for x in lengths]
+                for n, r in rows
+            ]
         else:
             cols = list(_T2I_COLS)
             head = ["model", "steps"] + [c[1] for c in cols]

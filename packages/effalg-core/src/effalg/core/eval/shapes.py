@@ -97,16 +97,18 @@ def check_image(img: torch.Tensor) -> CheckResult:
     mask = dist > 0.25
     area = int(mask.sum())
     if area < 4:
-        return CheckResult("none", "none", COLOR_NAMES[_nearest_color(bg_rgb)], torch.cat([
-            bg_rgb, bg_rgb, torch.zeros(5)]))
+        return CheckResult(
+            "none", "none", COLOR_NAMES[_nearest_color(bg_rgb)], torch.cat([bg_rgb, bg_rgb, torch.zeros(5)])
+        )
     fg_rgb = img[:, mask].median(dim=1).values
     # Second pass: a pixel belongs to the shape when it is nearer the shape's colour than the background's (the
     # half-way edge), which keeps fill ratios stable on blurred images such as VAE reconstructions.
     mask = ((img - fg_rgb.view(3, 1, 1)) ** 2).sum(0) < ((img - bg_rgb.view(3, 1, 1)) ** 2).sum(0)
     area = int(mask.sum())
     if area < 4:
-        return CheckResult("none", "none", COLOR_NAMES[_nearest_color(bg_rgb)], torch.cat([
-            bg_rgb, bg_rgb, torch.zeros(5)]))
+        return CheckResult(
+            "none", "none", COLOR_NAMES[_nearest_color(bg_rgb)], torch.cat([bg_rgb, bg_rgb, torch.zeros(5)])
+        )
     ys, xs = torch.nonzero(mask, as_tuple=True)
     bw = float(xs.max() - xs.min() + 1)
     bh = float(ys.max() - ys.min() + 1)
@@ -117,11 +119,21 @@ def check_image(img: torch.Tensor) -> CheckResult:
         shape = "circle"
     else:
         shape = "triangle"
-    feats = torch.cat([
-        fg_rgb, bg_rgb,
-        torch.tensor([fill, area / (h * w) * 4, math.log(bw / bh), xs.float().mean().item() / w,
-                      ys.float().mean().item() / h]),
-    ])
+    feats = torch.cat(
+        [
+            fg_rgb,
+            bg_rgb,
+            torch.tensor(
+                [
+                    fill,
+                    area / (h * w) * 4,
+                    math.log(bw / bh),
+                    xs.float().mean().item() / w,
+                    ys.float().mean().item() / h,
+                ]
+            ),
+        ]
+    )
     return CheckResult(shape, COLOR_NAMES[_nearest_color(fg_rgb)], COLOR_NAMES[_nearest_color(bg_rgb)], feats)
 
 
