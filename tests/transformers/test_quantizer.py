@@ -211,3 +211,22 @@ def test_import_does_not_pull_diffusers():
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "BAD []" in r.stdout
+
+
+def test_plain_save_pretrained_writes_model_card(w8a8_saved, tmp_path):
+    """``save_pretrained`` on a quantized model writes the card; it never replaces a README effalg did not write."""
+    import copy
+
+    q, _ = w8a8_saved
+    out = tmp_path / "saved"
+    q.save_pretrained(out)
+    card = (out / "README.md").read_text()
+    assert "library_name: transformers" in card and "- effalg" in card and "import effalg.transformers" in card
+    user = tmp_path / "user"
+    user.mkdir()
+    (user / "README.md").write_text("my own card")
+    copy.deepcopy(q).save_pretrained(user)  # the hook follows deep copies
+    assert (user / "README.md").read_text() == "my own card"
+    reloaded = AutoModelForCausalLM.from_pretrained(out)
+    with torch.no_grad():
+        assert torch.equal(reloaded(IDS).logits, q(IDS).logits)

@@ -14,6 +14,8 @@ from transformers.quantizers import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name, should_convert_module
 from transformers.utils import logging
 
+from .hub import install_save_hook
+
 logger = logging.get_logger(__name__)
 
 __all__ = ["EffalgHfQuantizer", "EffalgQuantizeOp"]
@@ -131,6 +133,7 @@ class EffalgHfQuantizer(HfQuantizer):
             if isinstance(m, QuantModuleBase) and hasattr(m, "prepack_"):
                 if all(t.device.type == "cpu" for t in m.buffers(recurse=False)):
                     m.prepack_()
+        install_save_hook(model)  # save_pretrained also writes the model card
         return model
 
     def is_serializable(self, **kwargs: Any) -> bool:
