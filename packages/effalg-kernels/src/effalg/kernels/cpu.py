@@ -21,9 +21,7 @@ from .reference import quantize_groups
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["prepack_int8_weight", "unpack_int8_weight", "onednn_int8_available", "configure_allocator", "register"]
-
-_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+__all__ = ["prepack_int8_weight", "onednn_int8_available", "configure_allocator", "register"]
 
 
 def onednn_int8_available() -> bool:
@@ -34,11 +32,6 @@ def onednn_int8_available() -> bool:
 def prepack_int8_weight(w: torch.Tensor) -> torch.Tensor:
     """oneDNN-prepacked layout (mkldnn ``int8[K, N]``, same bytes) of a plain ``int8[N, K]`` weight."""
     return torch.ops.onednn.qlinear_prepack(w.contiguous(), None)
-
-
-def unpack_int8_weight(w: torch.Tensor) -> torch.Tensor:
-    """Plain ``int8[N, K]`` of a weight given plain or prepacked."""
-    return w.to_dense().t().contiguous() if w.layout == torch._mkldnn else w
 
 
 def configure_allocator(mmap_threshold: int = 1 << 30) -> bool:
