@@ -1,11 +1,16 @@
-"""W8A8 on the CPU at PixArt dimensions: effalg against bf16, fp32, torchao and optimum-quanto, in one run.
+"""W8A8 / W4A8 (effalg linear and ViDiT-Q) on the CPU at PixArt dimensions, against bf16, fp32, torchao and
+optimum-quanto, in one run.
 
 A PixArtTransformer2DModel with PixArt-alpha block sizes (hidden 1152, MLP 4608, 16 heads x 72) and 4 blocks, run on
 2 x 1024 image tokens (batch 2 = the two CFG branches of a 512px image) with 120 text tokens. Only the Linear layers of
 the transformer blocks are quantized, identically for every backend; embedders, adaLN and the final layer stay in
 float as in ViDiT-Q.
 
-    python benchmarks/w8a8_pixart.py [--reps 7] [--blocks 4] [--skip-peers] [--json out.json]
+    python benchmarks/w8a8_pixart.py [--reps 7] [--blocks 4] [--skip-peers] [--skip-vidit-q] [--json out.json]
+
+The ViDiT-Q rows load the saved bf16 transformer with ``from_pretrained(..., quantization_config=ViDiTQConfig(...))``
+(quantize-on-load: per-channel weights, dynamic per-token activations; "+ rotation" balances every block Linear
+with the seeded Hadamard rotation, applied by the fused ``smooth_hadamard`` op).
 
 Prints median time, the ratio to bf16 eager, weight bytes of the quantized blocks, relative error of the output
 against fp32, and for effalg the share of forward time spent inside the int8 GEMM (torch.profiler).
@@ -85,12 +90,36 @@ def gemm_share(fn) -> float:
     return gemm_us / wall_us if wall_us else float("nan")
 
 
+def vidit_q_variants(base, x16, record, args) -> None:
+    """ViDiT-Q W8A8 / W4A8, with and without the rotation, loaded through diffusers' quantizer API."""
+    import tempfile
+
+    from diffusers import PixArtTransformer2DModel
+
+    from effalg.diffusers import ViDiTQConfig
+
+    blocks = r"transformer_blocks\."
+    with tempfile.TemporaryDirectory() as tmp:
+        copy.deepcopy(base).to(torch.bfloat16).save_pretrained(tmp)
+        for name, cfg in [
+            ("ViDiT-Q W8A8", ViDiTQConfig(weight_bits=8, act_bits=8, rotation=False)),
+            ("ViDiT-Q W8A8 + rotation", ViDiTQConfig(weight_bits=8, act_bits=8, rotation=True, balance_layers=blocks)),
+            ("ViDiT-Q W4A8", ViDiTQConfig(weight_bits=4, act_bits=8, rotation=False)),
+            ("ViDiT-Q W4A8 + rotation", ViDiTQConfig(weight_bits=4, act_bits=8, rotation=True, balance_layers=blocks)),
+        ]:
+            model = PixArtTransformer2DModel.from_pretrained(tmp, quantization_config=cfg, torch_dtype=torch.bfloat16)
+            record(name + " eager", model.eval(), x16)
+            if name == "ViDiT-Q W8A8" and not args.skip_compile:
+                record(name + " compiled", torch.compile(model), x16, "torch.compile")
+
+
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--blocks", type=int, default=4)
     ap.add_argument("--reps", type=int, default=7)
     ap.add_argument("--skip-peers", action="store_true", help="skip torchao and optimum-quanto")
     ap.add_argument("--skip-compile", action="store_true")
+    ap.add_argument("--skip-vidit-q", action="store_true")
     ap.add_argument("--json", help="write the results to this JSON file")
     ap.add_argument(
         "--default-malloc",
@@ -170,6 +199,9 @@ def main(argv=None):
     results["effalg W8A8 eager (fp32 act)"]["gemm_share"] = gemm_share(fn)
     if not args.skip_compile:
         record("effalg W8A8 compiled (bf16 act)", torch.compile(eff16), x16, "torch.compile")
+
+    if not args.skip_vidit_q:
+        vidit_q_variants(base, x16, record, args)
 
     bf16_ms = results["bf16 eager"]["ms"]
     bf16_bytes = results["bf16 eager"]["bytes"]

@@ -21,6 +21,8 @@ _EXPORTS = {
     "dequantize": "quant.spec",
     "fake_quantize": "quant.spec",
     "compute_smooth_scale": "quant.smooth",
+    "HadamardRotation": "quant.rotation",
+    "random_signs": "quant.rotation",
     # modules
     "QuantModuleBase": "modules",
     "QuantLinear": "modules",
@@ -53,6 +55,13 @@ _EXPORTS = {
     "PlanError": "plans",
     "register_plan_kind": "plans",
     "load_plan": "plans",
+    "ElasticWindowPlan": "attention_plan",
+    # MoA search math
+    "ElasticRule": "attention_search",
+    "attention_influence": "attention_search",
+    "candidate_rules": "attention_search",
+    "rule_cost": "attention_search",
+    "select_rules": "attention_search",
     # metrics
     "sqnr": "metrics",
     "relative_l2": "metrics",

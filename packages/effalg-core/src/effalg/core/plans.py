@@ -43,8 +43,15 @@ def register_plan_kind(cls: type[Plan]) -> type[Plan]:
     return cls
 
 
+_BUILTIN_KIND_MODULES = {"moa": "effalg.core.attention_plan"}  # kinds defined outside this module, imported on demand
+
+
 def get_plan_class(kind: str) -> type[Plan]:
     """The registered class for ``kind``."""
+    if kind not in _PLAN_KINDS and kind in _BUILTIN_KIND_MODULES:
+        import importlib
+
+        importlib.import_module(_BUILTIN_KIND_MODULES[kind])
     try:
         return _PLAN_KINDS[kind]
     except KeyError:

@@ -1,7 +1,7 @@
 """effalg methods for diffusers.
 
 ``import effalg.diffusers`` registers the effalg quantization methods with diffusers (diffusers >=0.42,<0.43), so
-that ``quantization_config=EffalgLinearConfig(...)`` works in ``ModelMixin.from_pretrained`` and
+that ``quantization_config=EffalgLinearConfig(...)`` / ``ViDiTQConfig(...)`` works in ``ModelMixin.from_pretrained`` and
 ``DiffusionPipeline.from_pretrained``, and saved effalg checkpoints load with a plain ``from_pretrained``.
 """
 
@@ -17,8 +17,10 @@ from .config import (  # noqa: E402
     default_modules_to_not_convert,
 )
 from .quantizer import EffalgDiffusersQuantizer, EffalgLinearQuantizer  # noqa: E402
+from .vidit_q import ViDiTQConfig, ViDiTQQuantizer, calibrate  # noqa: E402
 
 register_quantization_method(EffalgLinearConfig, EffalgLinearQuantizer)
+register_quantization_method(ViDiTQConfig, ViDiTQQuantizer)
 
 __all__ = [
     "DEFAULT_MODULES_TO_NOT_CONVERT",
@@ -28,6 +30,9 @@ __all__ = [
     "EffalgLinearConfig",
     "EffalgLinearQuantizer",
     "EffalgQuantMethod",
+    "ViDiTQConfig",
+    "ViDiTQQuantizer",
+    "calibrate",
     "default_modules_to_not_convert",
     "register_quantization_method",
 ]

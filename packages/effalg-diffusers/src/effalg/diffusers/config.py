@@ -36,6 +36,7 @@ class EffalgQuantMethod(str, Enum):
     """``quant_method`` values of effalg configs (diffusers reads ``quant_method.value``)."""
 
     LINEAR = "effalg_linear"
+    VIDIT_Q = "effalg_vidit_q"
 
 
 #: Full-match regexes of module names kept in float by default: embedders, adaLN modulation, final layers

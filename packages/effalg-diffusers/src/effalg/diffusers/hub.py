@@ -49,6 +49,7 @@ def model_card_text(model, pipeline: bool = False, repo_id: str | None = None) -
     method = qc.method.value if hasattr(qc, "method") else str(qc.get("quant_method"))
     tag = getattr(qc, "method_tag", None)
     tags = ["effalg", method.replace("_", "-")] + ([tag] if tag and tag != method else [])
+    tags += [t for t in getattr(qc, "card_tags", ()) if t not in tags]  # method-specific tags (e.g. "vidit-q")
     lines = ["---", "library_name: diffusers", "tags:"] + [f"- {t}" for t in tags]
     base = _base_model(model)
     if base:

@@ -21,6 +21,7 @@ __all__ = [
     "denoiser_inputs",
     "inject_outlier_channels",
     "make_tiny_flux",
+    "make_tiny_latte",
     "make_tiny_pixart_alpha",
     "make_tiny_pixart_sigma",
     "make_tiny_sd",
@@ -288,6 +289,42 @@ def make_tiny_flux(path, outlier_channels: int = 0, seed: int = 0):
     return _finish(pipe, path, transformer, outlier_channels, seed)
 
 
+def make_tiny_latte(path, outlier_channels: int = 0, seed: int = 0):
+    """Tiny Latte video pipeline: LatteTransformer3DModel (spatial + temporal blocks) + 1-layer T5 + 2D VAE.
+
+    Latte is the diffusers video DiT with separate temporal attention (``temporal_transformer_blocks``), the layer
+    type ViDiT-Q's temporal-consistency metric is for. Call it with ``video_length=4`` (see :func:`pipeline_kwargs`).
+    """
+    from diffusers import DDIMScheduler, LattePipeline, LatteTransformer3DModel
+
+    torch.manual_seed(seed)
+    transformer = LatteTransformer3DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        cross_attention_dim=32,
+        sample_size=8,
+        patch_size=2,
+        activation_fn="gelu-approximate",
+        num_embeds_ada_norm=1000,
+        norm_type="ada_norm_single",
+        norm_elementwise_affine=False,
+        norm_eps=1e-6,
+        caption_channels=32,
+        video_length=4,
+    ).eval()
+    pipe = LattePipeline(
+        tokenizer=_t5_tokenizer(),
+        text_encoder=_t5(seed + 1),
+        vae=_vae(seed + 2),
+        transformer=transformer,
+        scheduler=DDIMScheduler(),
+    )
+    return _finish(pipe, path, transformer, outlier_channels, seed)
+
+
 #: name -> (factory, denoiser component name)
 FACTORIES = {
     "pixart_alpha": (make_tiny_pixart_alpha, "transformer"),
@@ -295,6 +332,7 @@ FACTORIES = {
     "sd": (make_tiny_sd, "unet"),
     "sd3": (make_tiny_sd3, "transformer"),
     "flux": (make_tiny_flux, "transformer"),
+    "latte": (make_tiny_latte, "transformer"),
 }
 
 
@@ -342,6 +380,14 @@ def denoiser_inputs(model: nn.Module, seed: int = 0, batch: int = 2) -> dict[str
             txt_ids=torch.zeros(6, 3),
             return_dict=False,
         )
+    if name == "LatteTransformer3DModel":
+        return dict(
+            hidden_states=r(batch, cfg.in_channels, cfg.video_length, cfg.sample_size, cfg.sample_size),
+            encoder_hidden_states=r(batch, 6, cfg.caption_channels),
+            timestep=t,
+            enable_temporal_attentions=True,
+            return_dict=False,
+        )
     raise TypeError(f"denoiser_inputs: unsupported model {name}")
 
 
@@ -365,10 +411,13 @@ def pipeline_kwargs(pipe, seed: int = 0) -> dict[str, Any]:
         kw.update(height=8, width=8, max_sequence_length=16)
     elif name == "FluxPipeline":
         kw.update(height=8, width=8, max_sequence_length=16, guidance_scale=1.0)
+    elif name == "LattePipeline":
+        kw.update(height=16, width=16, video_length=4, clean_caption=False)
     return kw
 
 
 @torch.no_grad()
 def run_pipeline(pipe, seed: int = 0) -> torch.Tensor:
-    """Images of a deterministic tiny pipeline call (see :func:`pipeline_kwargs`)."""
-    return pipe(**pipeline_kwargs(pipe, seed)).images
+    """Images (video pipelines: frames) of a deterministic tiny pipeline call (see :func:`pipeline_kwargs`)."""
+    out = pipe(**pipeline_kwargs(pipe, seed))
+    return out.frames if hasattr(out, "frames") else out.images

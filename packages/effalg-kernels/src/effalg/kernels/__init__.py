@@ -7,14 +7,19 @@ CUDA is available) and a fake kernel for ``torch.compile``. Call them through th
 
 import torch as _torch
 
-from . import _ops  # noqa: F401  (declares the op schemas)
+from . import _attention_ops, _ops  # noqa: F401  (declare the op schemas)
+from . import attention_cpu as _attention_cpu
 from . import cpu as _cpu
+from .attention import moa_decode_attention, moa_prefill_attention
 from .ops import (
+    MAX_HADAMARD_BLOCK,
     MAX_INT8_K,
     WEIGHT_ONLY_BITS,
+    hadamard_block_size,
     int8_scaled_mm,
     prepack_int8_weight,
     quantize_per_token,
+    smooth_hadamard,
     unpack_int8_weight,
     w4a8_linear,
     w8a8_linear,
@@ -23,6 +28,7 @@ from .ops import (
 from .packing import SUPPORTED_BITS, pack_bits, pack_int4_symmetric, packed_size, unpack_bits, unpack_int4_symmetric
 
 _cpu.register()
+_attention_cpu.register()
 if _torch.cuda.is_available():  # Triton is imported only where it can run
     from .triton import register as _register_triton
 
@@ -31,16 +37,21 @@ if _torch.cuda.is_available():  # Triton is imported only where it can run
 configure_allocator = _cpu.configure_allocator
 
 __all__ = [
+    "MAX_HADAMARD_BLOCK",
     "MAX_INT8_K",
     "SUPPORTED_BITS",
     "WEIGHT_ONLY_BITS",
     "configure_allocator",
+    "hadamard_block_size",
     "int8_scaled_mm",
+    "moa_decode_attention",
+    "moa_prefill_attention",
     "pack_bits",
     "pack_int4_symmetric",
     "packed_size",
     "prepack_int8_weight",
     "quantize_per_token",
+    "smooth_hadamard",
     "unpack_bits",
     "unpack_int4_symmetric",
     "unpack_int8_weight",

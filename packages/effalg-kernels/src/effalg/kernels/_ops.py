@@ -14,7 +14,14 @@ import torch
 
 from . import reference as _ref
 
-__all__ = ["quantize_per_token", "int8_scaled_mm", "w8a8_linear", "w4a8_linear", "weight_only_linear"]
+__all__ = [
+    "quantize_per_token",
+    "int8_scaled_mm",
+    "w8a8_linear",
+    "w4a8_linear",
+    "weight_only_linear",
+    "smooth_hadamard",
+]
 
 
 @torch.library.custom_op("effalg::quantize_per_token", mutates_args=())
@@ -86,3 +93,15 @@ def weight_only_linear(
 @weight_only_linear.register_fake
 def _(x, w, scale, zero, bits, group_size, bias):
     return torch.empty((*x.shape[:-1], w.shape[0]), dtype=x.dtype, device=x.device)
+
+
+@torch.library.custom_op("effalg::smooth_hadamard", mutates_args=())
+def smooth_hadamard(
+    x: torch.Tensor, smooth: Optional[torch.Tensor], signs: Optional[torch.Tensor], block_size: int
+) -> torch.Tensor:
+    return _ref.smooth_hadamard_ref(x, smooth, signs, block_size)
+
+
+@smooth_hadamard.register_fake
+def _(x, smooth, signs, block_size):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)

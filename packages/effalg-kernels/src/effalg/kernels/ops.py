@@ -25,6 +25,9 @@ __all__ = [
     "weight_only_linear",
     "prepack_int8_weight",
     "unpack_int8_weight",
+    "MAX_HADAMARD_BLOCK",
+    "hadamard_block_size",
+    "smooth_hadamard",
 ]
 
 #: Largest reduction length for which int8 x int8 products (|p| <= 128 * 128) cannot overflow an int32 accumulator.
@@ -249,3 +252,63 @@ def unpack_int8_weight(w: torch.Tensor) -> torch.Tensor:
     from .reference import dense_int8_weight
 
     return dense_int8_weight(w).contiguous()
+
+
+#: Default cap of :func:`hadamard_block_size`.
+MAX_HADAMARD_BLOCK = 256
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def hadamard_block_size(K: int, max_block: int = MAX_HADAMARD_BLOCK) -> int:
+    """Block size of the block-diagonal Hadamard rotation of ``K`` channels: the largest power of two that divides
+    ``K`` and is ``<= max_block`` (e.g. 1152 -> 128, 4096 -> 256, 72 -> 8)."""
+    fn = "hadamard_block_size"
+    if isinstance(K, bool) or not isinstance(K, int) or K <= 0:
+        raise ValueError(f"{fn}: K must be a positive int, got {K!r}")
+    if isinstance(max_block, bool) or not isinstance(max_block, int) or not _is_pow2(max_block):
+        raise ValueError(f"{fn}: max_block must be a positive power of two, got {max_block!r}")
+    return min(K & -K, max_block)  # K & -K: the largest power of two dividing K
+
+
+def smooth_hadamard(
+    x: torch.Tensor,
+    smooth: Optional[torch.Tensor] = None,
+    signs: Optional[torch.Tensor] = None,
+    block_size: int = 0,
+) -> torch.Tensor:
+    """``((x * smooth) * signs)`` times the block-diagonal normalized Walsh-Hadamard matrix (blocks of
+    ``block_size`` channels along the last dim, ``H_b / sqrt(b)``, Sylvester order); ``block_size == 0``: no rotation.
+
+    ``smooth`` and ``signs`` are float32 ``[K]`` (``signs`` entries +-1; its values are checked on CPU outside
+    ``torch.compile`` only, to avoid a device sync), either may be None. Computed in float32, returned in x's dtype.
+    With random signs this is the randomized Hadamard rotation ``x @ R`` (``R`` orthogonal) of QuaRot / ViDiT-Q.
+    """
+    fn = "smooth_hadamard"
+    _tensor(fn, "x", x, dtypes=_FLOATS)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"{fn}: x must have a non-empty last dim, got shape {tuple(x.shape)}")
+    K = int(x.shape[-1])
+    for name, t in (("smooth", smooth), ("signs", signs)):
+        if t is None:
+            continue
+        _tensor(fn, name, t, dtypes=(torch.float32,), ndim=1)
+        if t.shape[0] != K:
+            raise ValueError(f"{fn}: {name} must have shape ({K},) to match x's last dim, got {tuple(t.shape)}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 0:
+        raise ValueError(f"{fn}: block_size must be an int >= 0 (0 = no rotation), got {block_size!r}")
+    if block_size and not _is_pow2(block_size):
+        raise ValueError(f"{fn}: block_size must be a power of two (or 0), got {block_size}")
+    if block_size and K % block_size:
+        raise ValueError(f"{fn}: block_size={block_size} must divide x's last dim K={K}")
+    _same_device(fn, x, smooth=smooth, signs=signs)
+    if (
+        signs is not None
+        and signs.device.type == "cpu"
+        and not torch.compiler.is_compiling()
+        and not bool((signs.abs() == 1).all())
+    ):
+        raise ValueError(f"{fn}: signs must contain only +1 and -1")
+    return torch.ops.effalg.smooth_hadamard(x, smooth, signs, block_size)

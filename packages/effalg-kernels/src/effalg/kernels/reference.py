@@ -8,6 +8,7 @@ in float64 and rounded once to the output dtype. Inputs are assumed valid (the p
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -22,6 +23,8 @@ __all__ = [
     "w4a8_linear_ref",
     "weight_only_linear_ref",
     "dense_int8_weight",
+    "hadamard_matrix_ref",
+    "smooth_hadamard_ref",
 ]
 
 #: Smallest ``amax`` used for a scale, so all-zero rows/groups get a finite, non-zero scale.
@@ -142,3 +145,34 @@ def weight_only_linear_ref(
     if bias is not None:
         y = y + bias.to(torch.float64)
     return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+
+def hadamard_matrix_ref(b: int, dtype: torch.dtype = torch.float64, device=None) -> torch.Tensor:
+    """Unnormalized Sylvester Walsh-Hadamard matrix ``H_b[i, j] = (-1) ** popcount(i & j)`` (``b`` a power of two)."""
+    i = torch.arange(b, device=device)
+    bits = i[:, None] & i[None, :]
+    parity = torch.zeros_like(bits)
+    while bool(bits.any()):
+        parity ^= bits & 1
+        bits = bits >> 1
+    return (1 - 2 * parity).to(dtype)
+
+
+def smooth_hadamard_ref(
+    x: torch.Tensor, smooth: Optional[torch.Tensor], signs: Optional[torch.Tensor], block_size: int
+) -> torch.Tensor:
+    """``y = ((x * smooth) * signs)`` split into blocks of ``block_size`` channels along the last dim, each block
+    multiplied by the normalized Walsh-Hadamard matrix ``H_b / sqrt(b)``; ``block_size == 0``: no rotation.
+
+    Computed in float64, rounded once to ``x.dtype``.
+    """
+    K = x.shape[-1]
+    y = x.to(torch.float64)
+    if smooth is not None:
+        y = y * smooth.to(torch.float64)
+    if signs is not None:
+        y = y * signs.to(torch.float64)
+    if block_size:
+        H = hadamard_matrix_ref(block_size, device=x.device) / math.sqrt(block_size)
+        y = (y.reshape(*x.shape[:-1], K // block_size, block_size) @ H).reshape(x.shape)
+    return y.to(x.dtype)

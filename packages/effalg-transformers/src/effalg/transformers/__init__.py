@@ -1,4 +1,5 @@
-"""effalg methods for transformers: ``import effalg.transformers`` registers the effalg quantization methods.
+"""effalg methods for transformers: ``import effalg.transformers`` registers the effalg quantization methods and
+``attn_implementation="moa"`` (see :mod:`effalg.transformers.moa`).
 
 import effalg.transformers
 from effalg.transformers import EffalgLinearConfig
@@ -12,17 +13,33 @@ check_transformers_version()
 from ._registry import is_registered, register_method  # noqa: E402
 from .config import EffalgHfConfigMixin, EffalgLinearConfig  # noqa: E402
 from .hub import save_quantized, write_model_card  # noqa: E402
+from .moa import MoACache, apply_moa, dense_attention, moa_config, register_moa  # noqa: E402
 from .quantizer import EffalgHfQuantizer, EffalgQuantizeOp  # noqa: E402
 
 register_method(EffalgLinearConfig.quant_method_name, EffalgLinearConfig, EffalgHfQuantizer)
+register_moa()
 
 __all__ = [
     "EffalgHfConfigMixin",
     "EffalgHfQuantizer",
     "EffalgLinearConfig",
     "EffalgQuantizeOp",
+    "MoACache",
+    "apply_moa",
+    "dense_attention",
     "is_registered",
+    "moa_config",
     "register_method",
+    "register_moa",
     "save_quantized",
+    "search_moa",
     "write_model_card",
 ]
+
+
+def __getattr__(name: str):
+    if name == "search_moa":  # lazy: keeps ``python -m effalg.transformers.moa_search`` free of runpy warnings
+        from .moa_search import search_moa
+
+        return search_moa
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -7,6 +7,10 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
+import effalg.kernels as _K
+
+from ..quant.rotation import HadamardRotation
+
 __all__ = ["QuantModuleBase", "memory_footprint", "prepack_model_", "unpack_model_"]
 
 
@@ -50,7 +54,8 @@ class QuantModuleBase(nn.Module):
     * Buffers listed in ``_fp32_buffers`` (``weight_scale``, ``weight_zero``, ``smooth_scale``) stay float32 under
       ``model.to(dtype)`` / ``.half()`` (they still follow device moves), so checkpoints have stable dtypes.
     * :meth:`preprocess_input` applies the optional per-input-channel ``smooth_scale`` (``x * smooth_scale``) and then
-      the optional ``input_transform`` module (e.g. a rotation, set with :meth:`set_input_transform`).
+      the optional ``input_transform`` module (e.g. a rotation, set with :meth:`set_input_transform`); smooth scale
+      and a :class:`~effalg.core.quant.rotation.HadamardRotation` run fused in one ``effalg.kernels.smooth_hadamard``.
     * ``prepack_()`` / ``unpack_()`` hooks for device-specific weight layouts (no-ops here).
     """
 
@@ -89,7 +94,17 @@ class QuantModuleBase(nn.Module):
         self.input_transform = transform
 
     def preprocess_input(self, x: torch.Tensor) -> torch.Tensor:
-        """``x * smooth_scale`` then ``input_transform(x)``, each only if set; keeps ``x.dtype``."""
+        """``x * smooth_scale`` then ``input_transform(x)``, each only if set; keeps ``x.dtype``.
+
+        A :class:`HadamardRotation` transform (with or without smooth scale) and a lone smooth scale run as one
+        ``effalg.kernels.smooth_hadamard`` call (fp32 math, one rounding to ``x.dtype``); other transforms are called
+        after ``x * smooth_scale``.
+        """
+        t = self.input_transform
+        if isinstance(t, HadamardRotation):
+            return _K.smooth_hadamard(x, self.smooth_scale, t.signs, t.block_size)
+        if t is None:
+            return x if self.smooth_scale is None else _K.smooth_hadamard(x, self.smooth_scale, None, 0)
         if self.smooth_scale is not None:
             x = x * self.smooth_scale.to(x.dtype)
         if self.input_transform is not None:

@@ -24,6 +24,7 @@ from torch import nn
 import effalg.kernels as _K
 from effalg.kernels.packing import pack_bits, pack_int4_symmetric, packed_size, unpack_bits, unpack_int4_symmetric
 
+from ..quant.rotation import HadamardRotation
 from ..quant.spec import Granularity, QuantSpec, compute_qparams, dequantize, quantize
 from ._int8 import Int8PrepackMixin
 from .base import QuantModuleBase, _check_smooth_scale
@@ -55,6 +56,11 @@ class QuantLinear(QuantModuleBase):
     """Base of the quantized linear layers (``in_features``, ``out_features``, optional ``bias``).
 
     Subclasses define the weight buffers, ``forward`` and ``_quantize_weight``. ``from_float`` is shared.
+
+    Empty construction for loading a checkpoint (e.g. on ``device="meta"``): ``has_smooth_scale=True`` creates the
+    ``smooth_scale`` buffer and ``input_rotation_block=b`` a :class:`HadamardRotation` ``input_transform`` with block
+    ``b`` whose ``signs`` come from the state dict key ``input_transform.signs`` (``b`` is not in the state dict: use
+    the ``block_size`` of the rotation the layer was quantized with, ``hadamard_block_size(in_features)`` by default).
     """
 
     weight_bits: ClassVar[int] = 8
@@ -67,6 +73,7 @@ class QuantLinear(QuantModuleBase):
         bias: bool = True,
         *,
         has_smooth_scale: bool = False,
+        input_rotation_block: int | None = None,
         device: Any = None,
         dtype: torch.dtype | None = None,
     ) -> None:
@@ -80,6 +87,9 @@ class QuantLinear(QuantModuleBase):
         else:
             self.register_parameter("bias", None)
         self._init_smooth_scale(in_features, has_smooth_scale, device)
+        if input_rotation_block is not None:
+            # Placeholder rotation (signs loaded from the state dict key ``input_transform.signs``).
+            self.set_input_transform(HadamardRotation(in_features, input_rotation_block, device=device))
 
     # ---- construction from a float layer -----------------------------------------------------------------------
     @classmethod
@@ -193,10 +203,19 @@ class W8A8Linear(Int8PrepackMixin, QuantLinear):
         bias: bool = True,
         *,
         has_smooth_scale: bool = False,
+        input_rotation_block: int | None = None,
         device: Any = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(in_features, out_features, bias, has_smooth_scale=has_smooth_scale, device=device, dtype=dtype)
+        super().__init__(
+            in_features,
+            out_features,
+            bias,
+            has_smooth_scale=has_smooth_scale,
+            input_rotation_block=input_rotation_block,
+            device=device,
+            dtype=dtype,
+        )
         self.register_buffer("qweight", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("weight_scale", torch.ones(out_features, dtype=torch.float32, device=device))
         self._prepacked = False
@@ -241,10 +260,19 @@ class W4A8Linear(QuantLinear):
         *,
         group_size: int = 0,
         has_smooth_scale: bool = False,
+        input_rotation_block: int | None = None,
         device: Any = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(in_features, out_features, bias, has_smooth_scale=has_smooth_scale, device=device, dtype=dtype)
+        super().__init__(
+            in_features,
+            out_features,
+            bias,
+            has_smooth_scale=has_smooth_scale,
+            input_rotation_block=input_rotation_block,
+            device=device,
+            dtype=dtype,
+        )
         if in_features % 2:
             raise ValueError(f"W4A8Linear: in_features must be even (two int4 codes per byte), got {in_features}")
         n_groups = _check_group("W4A8Linear", in_features, group_size)
@@ -299,10 +327,19 @@ class WeightOnlyLinear(QuantLinear):
         group_size: int = 0,
         symmetric: bool = True,
         has_smooth_scale: bool = False,
+        input_rotation_block: int | None = None,
         device: Any = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__(in_features, out_features, bias, has_smooth_scale=has_smooth_scale, device=device, dtype=dtype)
+        super().__init__(
+            in_features,
+            out_features,
+            bias,
+            has_smooth_scale=has_smooth_scale,
+            input_rotation_block=input_rotation_block,
+            device=device,
+            dtype=dtype,
+        )
         if isinstance(bits, bool) or bits not in self._ALLOWED_BITS:
             raise ValueError(f"WeightOnlyLinear: bits must be one of {{3, 4, 8}}, got {bits!r}")
         n_groups = _check_group("WeightOnlyLinear", in_features, group_size)

@@ -16,6 +16,8 @@ __all__ = [
     "dequantize",
     "fake_quantize",
     "compute_smooth_scale",
+    "HadamardRotation",
+    "random_signs",
     "pack_bits",
     "unpack_bits",
     "pack_int4_symmetric",
@@ -30,4 +32,8 @@ def __getattr__(name: str) -> Any:
         from effalg.kernels import packing
 
         return getattr(packing, name)
+    if name in ("HadamardRotation", "random_signs"):  # imports effalg.kernels: only on first use
+        from . import rotation
+
+        return getattr(rotation, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -2,8 +2,9 @@
 
 Importing this package never fails: without an importable ``triton`` it only exposes ``HAS_TRITON = False`` and a
 :func:`register` that returns ``False``. With triton, the launchers (``triton_quantize_per_token``,
-``triton_int8_scaled_mm``, ``triton_w8a8_linear``, ``triton_w4a8_linear``, ``triton_weight_only_linear``) are
-importable from here and run on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
+``triton_int8_scaled_mm``, ``triton_w8a8_linear``, ``triton_w4a8_linear``, ``triton_weight_only_linear``,
+``triton_smooth_hadamard``) are importable from here and run on CUDA tensors, or on CPU tensors under
+``TRITON_INTERPRET=1`` (tests).
 
 :func:`register` installs them as the ``"cuda"`` kernels of ``torch.ops.effalg.*`` (weights in the canonical plain
 layouts), only when CUDA is available.
@@ -30,6 +31,7 @@ else:
 
 if HAS_TRITON:
     from ._common import MIN_DOT_K
+    from .hadamard import triton_smooth_hadamard
     from .int8_mm import triton_int8_scaled_mm, triton_w8a8_linear
     from .quantize import triton_quantize_per_token
     from .w4a8 import triton_w4a8_linear, w4a8_block_k
@@ -41,6 +43,7 @@ if HAS_TRITON:
         "triton_w8a8_linear",
         "triton_w4a8_linear",
         "triton_weight_only_linear",
+        "triton_smooth_hadamard",
     ]
 
 _REGISTERED = False
@@ -96,6 +99,16 @@ def _cuda_weight_only_linear(
     return triton_weight_only_linear(x, w, scale, zero, bits, group_size, bias)
 
 
+def _cuda_smooth_hadamard(
+    x: torch.Tensor, smooth: Optional[torch.Tensor], signs: Optional[torch.Tensor], block_size: int
+) -> torch.Tensor:
+    if 0 < block_size < MIN_DOT_K:  # tl.dot needs tiles of at least 16 on a GPU; tiny blocks use the reference
+        from ..reference import smooth_hadamard_ref
+
+        return smooth_hadamard_ref(x, smooth, signs, block_size)
+    return triton_smooth_hadamard(x, smooth, signs, block_size)
+
+
 def register() -> bool:
     """Register the Triton kernels as the ``"cuda"`` implementations of the ``effalg`` ops.
 
@@ -114,8 +127,12 @@ def register() -> bool:
         ("w8a8_linear", _cuda_w8a8_linear),
         ("w4a8_linear", _cuda_w4a8_linear),
         ("weight_only_linear", _cuda_weight_only_linear),
+        ("smooth_hadamard", _cuda_smooth_hadamard),
     ):
         torch.library.register_kernel(f"effalg::{name}", "cuda", fn)
+    from .band_attention import register as _register_band_attention  # MoA attention (moa_*)
+
+    _register_band_attention()
     _REGISTERED = True
     logger.debug("effalg: registered Triton CUDA kernels")
     return True

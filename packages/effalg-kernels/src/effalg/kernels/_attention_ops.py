@@ -1,0 +1,49 @@
+"""Schemas of the MoA attention ops (``torch.ops.effalg.moa_*``) with fake kernels.
+
+The default implementation for every device is the reference (:mod:`effalg.kernels.attention_reference`); the
+fast CPU path (:mod:`effalg.kernels.attention_cpu`) and Triton (:mod:`effalg.kernels.triton.band_attention`)
+override it for ``"cpu"`` / ``"cuda"``. Call them through :mod:`effalg.kernels.attention`, which validates.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from . import attention_reference as _ref
+
+__all__ = ["moa_prefill_attention", "moa_decode_attention"]
+
+
+@torch.library.custom_op("effalg::moa_prefill_attention", mutates_args=())
+def moa_prefill_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    window: torch.Tensor,
+    sink: torch.Tensor,
+    pad: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    return _ref.moa_prefill_attention_ref(q, k, v, window, sink, pad, scale)
+
+
+@moa_prefill_attention.register_fake
+def _(q, k, v, window, sink, pad, scale):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+@torch.library.custom_op("effalg::moa_decode_attention", mutates_args=())
+def moa_decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    head_start: torch.Tensor,
+    length: torch.Tensor,
+    scale: float,
+) -> torch.Tensor:
+    return _ref.moa_decode_attention_ref(q, k_cache, v_cache, head_start, length, scale)
+
+
+@moa_decode_attention.register_fake
+def _(q, k_cache, v_cache, head_start, length, scale):
+    return q.new_empty((*q.shape[:-1], v_cache.shape[-1]))

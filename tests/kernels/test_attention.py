@@ -1,0 +1,365 @@
+"""MoA attention ops (effalg.kernels.attention*): references, the fast CPU path, fake kernels, validation, Triton.
+
+The references are checked against an independent per-row loop and against dense causal sdpa; the CPU kernels
+and the Triton kernels (under ``TRITON_INTERPRET=1`` on CPU, set in tests/conftest.py) against the references.
+Decode is checked against prefill: a compact cache built from a full sequence by the mask semantics (sinks plus
+the window, in a ring-buffer-permuted slot order) must give the prefill output of the last row.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import effalg.kernels as ek
+from effalg.kernels import attention_cpu
+from effalg.kernels.attention_reference import (
+    band_sink_mask,
+    moa_decode_attention_ref,
+    moa_prefill_attention_ref,
+)
+
+TOL = {torch.float32: 1e-5, torch.float16: 2.0**-9, torch.bfloat16: 2.0**-6}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def _close(y: torch.Tensor, ref: torch.Tensor) -> None:
+    assert y.dtype == ref.dtype and y.shape == ref.shape
+    tol = TOL[ref.dtype]
+    torch.testing.assert_close(y.float(), ref.float(), rtol=tol, atol=tol)
+
+
+def _qkv(B, Hq, Hkv, L, D, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, Hq, L, D, generator=g).to(dtype)
+    k = torch.randn(B, Hkv, L, D, generator=g).to(dtype)
+    v = torch.randn(B, Hkv, L, D, generator=g).to(dtype)
+    return q, k, v
+
+
+def _naive_prefill(q, k, v, window, sink, pad, scale):
+    """Independent per-(row, head, query) loop over the mask rule, in float64."""
+    B, Hq, L, D = q.shape
+    n_rep = Hq // k.shape[1]
+    out = torch.zeros(B, Hq, L, D, dtype=torch.float64)
+    for b in range(B):
+        p = int(pad[b])
+        for h in range(Hq):
+            kv = h // n_rep
+            w, s = int(window[kv]), int(sink[kv])
+            for i in range(p, L):
+                keys = [j for j in range(p, i + 1) if i - j < w or j - p < s]
+                sc = (k[b, kv, keys].double() @ q[b, h, i].double()) * scale
+                out[b, h, i] = torch.softmax(sc, 0) @ v[b, kv, keys].double()
+    return out
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    """Small CPU prefill blocks so tiny sequences span several blocks (and L is not a multiple of the block)."""
+    monkeypatch.setattr(attention_cpu, "PREFILL_BLOCK", 8)
+
+
+# ------------------------------------------------------------------------------------------------------ reference
+
+
+def test_reference_matches_naive_loop():
+    q, k, v = _qkv(2, 4, 2, 13, 8, seed=1)
+    window, sink, pad = torch.tensor([3, 20]), torch.tensor([2, 1]), torch.tensor([0, 4])
+    y = moa_prefill_attention_ref(q, k, v, window, sink, pad, 0.4)
+    torch.testing.assert_close(y.double(), _naive_prefill(q, k, v, window, sink, pad, 0.4), rtol=1e-5, atol=1e-6)
+    assert torch.equal(y[1, :, :4], torch.zeros_like(y[1, :, :4]))  # padding query rows
+
+
+def test_mask_semantics_small_case():
+    m = band_sink_mask(6, torch.tensor([2]), torch.tensor([1]), torch.tensor([1]))[0, 0].int()
+    expect = torch.tensor(
+        [
+            [0, 0, 0, 0, 0, 0],
+            [0, 1, 0, 0, 0, 0],
+            [0, 1, 1, 0, 0, 0],
+            [0, 1, 1, 1, 0, 0],
+            [0, 1, 0, 1, 1, 0],
+            [0, 1, 0, 0, 1, 1],
+        ]
+    )
+    assert torch.equal(m, expect)
+
+
+@pytest.mark.parametrize("impl", ["reference", "op"])
+@pytest.mark.parametrize("n_rep", [1, 2, 4])
+def test_long_windows_equal_dense_causal_sdpa(impl, n_rep, small_blocks):
+    Hkv, L = 2, 21
+    q, k, v = _qkv(2, Hkv * n_rep, Hkv, L, 16, seed=2)
+    window, sink = torch.tensor([L, L + 5]), torch.tensor([0, 3])
+    if impl == "reference":
+        y = moa_prefill_attention_ref(q, k, v, window, sink, torch.zeros(2, dtype=torch.long), 16**-0.5)
+    else:
+        y = ek.moa_prefill_attention(q, k, v, window, sink)
+    dense = F.scaled_dot_product_attention(
+        q, k.repeat_interleave(n_rep, 1), v.repeat_interleave(n_rep, 1), is_causal=True
+    )
+    torch.testing.assert_close(y, dense, rtol=1e-5, atol=1e-5)
+
+
+# ---------------------------------------------------------------------------------------------- CPU prefill / decode
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_rep", [1, 2, 4])
+def test_cpu_prefill_matches_reference(dtype, n_rep, small_blocks):
+    Hkv, L = 4, 37
+    q, k, v = _qkv(2, Hkv * n_rep, Hkv, L, 16, dtype, seed=3 + n_rep)
+    g = torch.Generator().manual_seed(n_rep)
+    window = torch.randint(1, L + 4, (Hkv,), generator=g)
+    window[0] = window[2]  # a group of non-adjacent KV heads sharing a rule
+    sink = torch.randint(0, 5, (Hkv,), generator=g)
+    sink[0] = sink[2]
+    pad = torch.tensor([0, 9])
+    y = ek.moa_prefill_attention(q, k, v, window, sink, pad, scale=0.3)
+    _close(y, moa_prefill_attention_ref(q, k, v, window, sink, pad, 0.3))
+
+
+@pytest.mark.parametrize("window,sink", [(1, 0), (1, 3), (5, 30), (8, 8), (100, 2)])
+def test_cpu_prefill_edge_rules(window, sink, small_blocks):
+    q, k, v = _qkv(3, 2, 1, 19, 8, seed=7)
+    w, s, pad = torch.tensor([window]), torch.tensor([sink]), torch.tensor([0, 18, 19])
+    y = ek.moa_prefill_attention(q, k, v, w, s, pad)
+    _close(y, moa_prefill_attention_ref(q, k, v, w, s, pad, 8**-0.5))
+    assert torch.equal(y[2], torch.zeros_like(y[2]))  # all-padding row
+
+
+def test_cpu_prefill_default_block_multiple_blocks():
+    L = attention_cpu.PREFILL_BLOCK + 45
+    q, k, v = _qkv(1, 2, 1, L, 8, seed=8)
+    w, s, pad = torch.tensor([70]), torch.tensor([4]), torch.tensor([3])
+    _close(ek.moa_prefill_attention(q, k, v, w, s, pad), moa_prefill_attention_ref(q, k, v, w, s, pad, 8**-0.5))
+
+
+def _compact_cache(k, v, window, sink, pad, i, capacity_extra=0, seed=0):
+    """Compact cache for the query at index ``i`` from full ``k, v [B, Hkv, L, D]``: per KV head the live keys
+    (sinks + window) in a random (ring-buffer-like) slot order, padded to capacity ``sink + window + extra``."""
+    B, Hkv, L, D = k.shape
+    g = torch.Generator().manual_seed(seed)
+    cap = [int(sink[h]) + int(window[h]) + capacity_extra for h in range(Hkv)]
+    head_start = torch.tensor([0] + cap).cumsum(0)
+    T = int(head_start[-1])
+    kc = torch.randn(B, T, D, generator=g).to(k.dtype)  # garbage in dead slots
+    vc = torch.randn(B, T, D, generator=g).to(k.dtype)
+    length = torch.zeros(B, Hkv, dtype=torch.long)
+    for b in range(B):
+        p = int(pad[b])
+        for h in range(Hkv):
+            w, s = int(window[h]), int(sink[h])
+            keys = [j for j in range(p, i + 1) if i - j < w or j - p < s]
+            perm = torch.randperm(len(keys), generator=g)
+            keys = torch.tensor(keys, dtype=torch.long)[perm]
+            st = int(head_start[h])
+            kc[b, st : st + len(keys)] = k[b, h, keys]
+            vc[b, st : st + len(keys)] = v[b, h, keys]
+            length[b, h] = len(keys)
+    return kc, vc, head_start, length
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n_rep", [1, 2, 4])
+def test_decode_equals_prefill_last_row(dtype, n_rep):
+    Hkv, L, D = 3, 23, 16
+    q, k, v = _qkv(2, Hkv * n_rep, Hkv, L, D, dtype, seed=10 + n_rep)
+    window, sink, pad = torch.tensor([4, 9, 30]), torch.tensor([2, 0, 1]), torch.tensor([0, 6])
+    pre = moa_prefill_attention_ref(q, k, v, window, sink, pad, 0.25)
+    for i in (L - 1, 12):
+        kc, vc, hs, length = _compact_cache(k, v, window, sink, pad, i, capacity_extra=2, seed=i)
+        qd = q[:, :, i].contiguous()
+        ref = moa_decode_attention_ref(qd, kc, vc, hs, length, 0.25)
+        _close(ref, pre[:, :, i])
+        _close(ek.moa_decode_attention(qd, kc, vc, hs, length, scale=0.25), ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_cpu_decode_matches_reference_ragged(dtype):
+    """Runs of equal capacity, lengths below capacity and zero lengths (zeros out)."""
+    g = torch.Generator().manual_seed(5)
+    B, Hkv, n_rep, D = 2, 5, 2, 16
+    cap = [6, 6, 9, 0, 6]
+    hs = torch.tensor([0] + cap).cumsum(0)
+    T = int(hs[-1])
+    q = torch.randn(B, Hkv * n_rep, D, generator=g).to(dtype)
+    kc = torch.randn(B, T, D, generator=g).to(dtype)
+    vc = torch.randn(B, T, D, generator=g).to(dtype)
+    length = torch.tensor([[6, 2, 9, 0, 0], [6, 6, 1, 0, 6]])
+    y = ek.moa_decode_attention(q, kc, vc, hs, length)
+    _close(y, moa_decode_attention_ref(q, kc, vc, hs, length, D**-0.5))
+    assert torch.equal(y[0, 6:10], torch.zeros_like(y[0, 6:10]))
+    full = torch.tensor([[6, 6, 9, 0, 6]] * B)  # all segments full: the unmasked path
+    _close(ek.moa_decode_attention(q, kc, vc, hs, full), moa_decode_attention_ref(q, kc, vc, hs, full, D**-0.5))
+
+
+# ---------------------------------------------------------------------------------------------- fake kernels
+
+
+def test_opcheck():
+    q, k, v = _qkv(2, 4, 2, 11, 8, seed=12)
+    args = (q, k, v, torch.tensor([3, 5]), torch.tensor([1, 0]), torch.tensor([0, 2]), 0.3)
+    torch.library.opcheck(torch.ops.effalg.moa_prefill_attention.default, args)
+    kc, vc, hs, length = _compact_cache(k, v, torch.tensor([3, 5]), torch.tensor([1, 0]), torch.tensor([0, 2]), 10)
+    torch.library.opcheck(torch.ops.effalg.moa_decode_attention.default, (q[:, :, -1], kc, vc, hs, length, 0.3))
+
+
+def test_compile_fullgraph_uses_fake_kernels():
+    q, k, v = _qkv(1, 4, 2, 9, 8, seed=13)
+    w, s, pad = torch.tensor([3, 4]), torch.tensor([1, 0]), torch.tensor([1])
+
+    def f(q, k, v):
+        return ek.moa_prefill_attention(q, k, v, w, s, pad) * 2
+
+    y = torch.compile(f, backend="aot_eager", fullgraph=True)(q, k, v)
+    _close(y, f(q, k, v))
+    kc, vc, hs, length = _compact_cache(k, v, w, s, pad, 8)
+    qd = q[:, :, -1].contiguous()
+
+    def g(q):
+        return ek.moa_decode_attention(q, kc, vc, hs, length) + 1
+
+    _close(torch.compile(g, backend="aot_eager", fullgraph=True)(qd), g(qd))
+
+
+# ---------------------------------------------------------------------------------------------- bad input
+
+
+def test_prefill_bad_inputs():
+    q, k, v = _qkv(2, 4, 2, 6, 8)
+    w, s = torch.tensor([2, 3]), torch.tensor([0, 1])
+    f = ek.moa_prefill_attention
+    with pytest.raises(ValueError, match="q must be 4-D"):
+        f(q[0], k, v, w, s)
+    with pytest.raises(ValueError, match="k must have shape"):
+        f(q, k[:, :, :5], v, w, s)
+    with pytest.raises(ValueError, match="v must have"):
+        f(q, k, v[..., :4], w, s)
+    with pytest.raises(ValueError, match="multiple of the KV heads"):
+        f(q[:, :3], k, v, w, s)
+    with pytest.raises(TypeError, match="k and v must have q's dtype"):
+        f(q, k.half(), v, w, s)
+    with pytest.raises(TypeError, match="q must be float32"):
+        f(q.double(), k, v, w, s)
+    with pytest.raises(ValueError, match="window must have shape"):
+        f(q, k, v, torch.tensor([2]), s)
+    with pytest.raises(TypeError, match="window must be an int64"):
+        f(q, k, v, w.float(), s)
+    with pytest.raises(ValueError, match="window must be >= 1"):
+        f(q, k, v, torch.tensor([0, 3]), s)
+    with pytest.raises(ValueError, match="sink must be >= 0"):
+        f(q, k, v, w, torch.tensor([0, -1]))
+    with pytest.raises(ValueError, match="pad must lie in"):
+        f(q, k, v, w, s, torch.tensor([0, 7]))
+    with pytest.raises(ValueError, match="pad must have shape"):
+        f(q, k, v, w, s, torch.tensor([0]))
+    with pytest.raises(ValueError, match="scale must be a finite"):
+        f(q, k, v, w, s, scale=float("nan"))
+
+
+def test_decode_bad_inputs():
+    q = torch.randn(2, 4, 8)
+    kc, vc = torch.randn(2, 10, 8), torch.randn(2, 10, 8)
+    hs, length = torch.tensor([0, 4, 10]), torch.tensor([[4, 6], [1, 0]])
+    f = ek.moa_decode_attention
+    f(q, kc, vc, hs, length)  # valid
+    with pytest.raises(ValueError, match="k_cache must have shape"):
+        f(q, kc[..., :4], vc, hs, length)
+    with pytest.raises(ValueError, match="v_cache must have"):
+        f(q, kc, vc[:, :9], hs, length)
+    with pytest.raises(TypeError, match="k_cache and v_cache must have q's dtype"):
+        f(q, kc.bfloat16(), vc, hs, length)
+    with pytest.raises(ValueError, match="multiple of the KV heads"):
+        f(q, kc, vc, torch.tensor([0, 3, 6, 10]), torch.zeros(2, 3, dtype=torch.long))
+    with pytest.raises(ValueError, match="head_start must be non-decreasing"):
+        f(q, kc, vc, torch.tensor([0, 11, 10]), length)
+    with pytest.raises(ValueError, match="head_start must start at 0 and end at T=10"):
+        f(q, kc, vc, torch.tensor([0, 4, 9]), length)
+    with pytest.raises(ValueError, match="head_start must be a 1-D"):
+        f(q, kc, vc, torch.tensor([[0, 4, 10]]), length)
+    with pytest.raises(ValueError, match="length exceeds the segment capacity"):
+        f(q, kc, vc, hs, torch.tensor([[5, 6], [1, 0]]))
+    with pytest.raises(ValueError, match="length must be >= 0"):
+        f(q, kc, vc, hs, torch.tensor([[-1, 6], [1, 0]]))
+    with pytest.raises(ValueError, match="length must have shape"):
+        f(q, kc, vc, hs, torch.tensor([4, 6]))
+
+
+# ---------------------------------------------------------------------------------------------- Triton
+
+
+def _triton():
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed")
+    from effalg.kernels import triton as tk
+
+    if not tk.HAS_TRITON:
+        pytest.skip("triton is installed but does not import")
+    from effalg.kernels.triton import band_attention
+
+    return band_attention
+
+
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+TRITON_TOL = {torch.float32: 1e-5, torch.float16: 2.0**-9, torch.bfloat16: 2.0**-7}
+
+
+def _close_scaled(y: torch.Tensor, ref: torch.Tensor) -> None:
+    """Within one unit in the last place of the output dtype, relative to ``max|ref|``."""
+    assert y.dtype == ref.dtype and y.shape == ref.shape
+    s = ref.float().abs().max().clamp(min=1e-6)
+    tol = TRITON_TOL[ref.dtype]
+    torch.testing.assert_close(y.float().cpu() / s, ref.float().cpu() / s, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_triton_prefill_matches_reference(dtype):
+    ba = _triton()
+    on_gpu = TRITON_DEVICE == "cuda"
+    D = 16 if on_gpu else 8
+    q, k, v = _qkv(2, 4, 2, 21, D, dtype, seed=20)
+    window, sink, pad = torch.tensor([3, 30]), torch.tensor([2, 1]), torch.tensor([0, 6])
+    ref = moa_prefill_attention_ref(q, k, v, window, sink, pad, 0.3)
+    blk = 16 if on_gpu else 4  # tiny tiles under the interpreter: many sink and band tiles per program
+    dev = [t.to(TRITON_DEVICE) for t in (q, k, v, window, sink, pad)]
+    y = ba.triton_moa_prefill_attention(*dev, 0.3, block_m=blk, block_n=blk)
+    _close_scaled(y, ref)
+    assert torch.equal(y[1, :, :6].cpu(), torch.zeros_like(y[1, :, :6].cpu()))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("num_splits", [1, 3])
+def test_triton_decode_matches_reference(dtype, num_splits):
+    ba = _triton()
+    Hkv, L, D = 2, 17, 8
+    q, k, v = _qkv(2, 2 * Hkv, Hkv, L, D, dtype, seed=21)
+    window, sink, pad = torch.tensor([4, 9]), torch.tensor([2, 0]), torch.tensor([0, 3])
+    kc, vc, hs, length = _compact_cache(k, v, window, sink, pad, L - 1, capacity_extra=1, seed=3)
+    length[1, 1] = 0  # an empty segment outputs zeros
+    qd = q[:, :, -1].contiguous()
+    ref = moa_decode_attention_ref(qd, kc, vc, hs, length, 0.3)
+    dev = [t.to(TRITON_DEVICE) for t in (qd, kc, vc, hs, length)]
+    y = ba.triton_moa_decode_attention(*dev, 0.3, block_n=2, num_splits=num_splits)
+    _close_scaled(y, ref)
+    assert torch.equal(y[1, 2:].cpu(), torch.zeros_like(y[1, 2:].cpu()))
+
+
+def test_triton_register_installs_cuda_kernels():
+    _triton()
+    # In a subprocess (the dispatcher registry is process-global): pretend CUDA is present; nothing runs on CUDA.
+    code = (
+        "import torch\n"
+        "torch.cuda.is_available = lambda: True\n"
+        "import effalg.kernels.triton as t\n"
+        "assert t.register() is True\n"
+        "for op in ('moa_prefill_attention', 'moa_decode_attention'):\n"
+        "    assert torch._C._dispatch_has_kernel_for_dispatch_key(f'effalg::{op}', 'CUDA'), op\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
