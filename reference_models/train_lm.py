@@ -1,4 +1,4 @@
-"""Train the reference causal LM (Qwen2 with grouped-query attention) on MQAR + digit arithmetic.
+"""Train the reference causal LM (Qwen2 with grouped-query attention) on MQAR + digit reversal.
 
 Usage (from the repo root)::
 
@@ -53,7 +53,7 @@ def build_model(args):
 def main() -> None:
     p = argparse.ArgumentParser()
     p.add_argument("--out", default=str(REPO / "reference_models" / "tiny-qwen2-mqar"))
-    p.add_argument("--steps", type=int, default=3000)
+    p.add_argument("--steps", type=int, default=4500)
     p.add_argument("--max-minutes", type=float, default=60.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--layers", type=int, default=3)
@@ -62,7 +62,7 @@ def main() -> None:
     p.add_argument("--tokens-per-step", type=int, default=4096)
     p.add_argument("--stages", default="128,256,512,1024")
     p.add_argument("--advance-acc", type=float, default=0.9)
-    p.add_argument("--stage-max-steps", type=int, default=700, help="advance anyway after this many steps")
+    p.add_argument("--stage-max-steps", type=int, default=1000, help="advance anyway after this many steps")
     p.add_argument("--threads", type=int, default=1)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
@@ -98,6 +98,8 @@ def main() -> None:
             tgt = batch.labels[:, 1:]
             m = batch.kinds[:, 1:] == lm_tasks.KIND_RETRIEVAL
             acc = (pred[m] == tgt[m]).float().mean().item()
+            ml = batch.kinds[:, 1:] == lm_tasks.KIND_LOCAL
+            local_acc = (pred[ml] == tgt[ml]).float().mean().item()
         if length == stages[stage]:
             run_acc = 0.9 * run_acc + 0.1 * acc
             stuck = step - stage_start >= args.stage_max_steps
@@ -111,6 +113,7 @@ def main() -> None:
             el = (time.time() - t0) / 60
             print(
                 f"step {step} len {length} loss {out.loss.item():.3f} ret_acc {acc:.3f} run {run_acc:.3f} "
+                f"local_acc {local_acc:.3f} "
                 f"lr {lr:.2e} {el:.1f} min",
                 flush=True,
             )

@@ -37,13 +37,15 @@ def test_lm_scores_and_3bit_damage():
     kw = dict(lengths=(256, 1024), n_seqs=8, seed=7)
     fp = evaluate_lm(model, tok, **kw)
     bad = copy.deepcopy(model)
-    assert fake_quantize_weights(bad.model, bits=3, per_channel=True) > 0
+    assert fake_quantize_weights(bad.model, bits=3, per_channel=False) > 0  # naive per-tensor 3-bit RTN
     w3 = evaluate_lm(bad, tok, **kw)
     print(format_table({"fp32": fp, "w3-rtn": w3}))
-    assert fp["retrieval_acc"] > 0.1  # chance 1/32 (the committed model reaches ~0.15 over 256 + 1024 tokens)
+    assert fp["retrieval_acc"] > 0.1  # chance 1/32 (the committed model reaches ~0.12 over 256 + 1024 tokens)
     assert fp["by_length"]["256"]["retrieval_acc"] > 0.15
-    # Measured at commit time: retrieval 0.158 -> 0.123, loss 2.49 -> 2.60 (deterministic for these seeds).
-    assert w3["retrieval_acc"] < fp["retrieval_acc"] - 0.02 and w3["loss"] > fp["loss"] + 0.05
+    assert fp["local_acc"] > 0.95  # chance 1/10
+    # Measured at commit time: retrieval 0.122 -> 0.089, local 1.000 -> 0.912, loss 0.64 -> 1.03 (deterministic).
+    assert w3["retrieval_acc"] < fp["retrieval_acc"] - 0.02 and w3["local_acc"] < fp["local_acc"] - 0.04
+    assert w3["loss"] > fp["loss"] + 0.2
 
 
 @pytest.mark.skipif(not _have(T2I_NAME), reason="reference pipeline not trained")

@@ -30,10 +30,13 @@ def test_lm_batch_structure_and_determinism():
             d = next(i for i in range(t) if ids[i] == lm_tasks.DEF and ids[i + 1] == k)
             assert ids[d + 2] == ids[t] == a.labels[r, t]
             assert a.distance[r, t] == t - (d + 2) > 0
-    ar = torch.nonzero(a.kinds == lm_tasks.KIND_ARITH)
-    for r, t in ar.tolist():
-        x, y = a.input_ids[r, t - 4] - lm_tasks.DIGIT0, a.input_ids[r, t - 2] - lm_tasks.DIGIT0
-        assert a.labels[r, t] == lm_tasks.DIGIT0 + (x + y) % 10
+    loc = torch.nonzero(a.kinds == lm_tasks.KIND_LOCAL)
+    assert len(loc) > 0
+    for r, t in loc.tolist():
+        ids = a.input_ids[r].tolist()
+        eq = max(i for i in range(t - 3, t) if ids[i] == lm_tasks.EQ)  # the item's "="
+        assert a.labels[r, t] == ids[t] == ids[2 * eq - t]  # mirrored around "="
+        assert lm_tasks.DIGIT0 <= ids[t] < lm_tasks.DIGIT0 + 10
 
 
 def test_lm_tokenizer_matches_vocab():
@@ -64,7 +67,7 @@ def test_format_table():
     lm = {
         "task": "lm",
         "retrieval_acc": 0.9,
-        "arith_acc": 1.0,
+        "local_acc": 1.0,
         "loss": 0.1,
         "by_length": {"256": {"retrieval_acc": 0.95}, "1024": {"retrieval_acc": 0.85}},
     }

@@ -73,12 +73,34 @@ def model_card_text(model, pipeline: bool = False, repo_id: str | None = None) -
         load,
         "```",
         "",
-        f"Quantization config: `{qc.to_dict() if hasattr(qc, 'to_dict') else qc}`",
+        f"Quantization config: `{_config_summary(qc.to_dict() if hasattr(qc, 'to_dict') else dict(qc))}`",
         "",
     ]
     if base:
         lines += [f"Base model: [{base}](https://huggingface.co/{base})", ""]
+    else:
+        source = getattr(model.config, "_name_or_path", None)
+        if isinstance(source, str) and source:
+            lines += [f"Quantized from: `{source}`", ""]
     return "\n".join(lines)
+
+
+def _config_summary(d: dict) -> dict:
+    """The config with long layer lists and plans shortened to counts (the full config is in config.json)."""
+    out = {}
+    for k, v in d.items():
+        if isinstance(v, dict) and v.get("format") == "effalg.plan":
+            entries = v.get("entries", {})
+            counts: dict = {}
+            for e in entries.values():
+                key = str(e.get("weight_bits") if isinstance(e, dict) else e)
+                counts[key] = counts.get(key, 0) + 1
+            out[k] = f"{v.get('kind')} over {len(entries)} layers (bits: {counts})"
+        elif isinstance(v, (list, tuple)) and len(v) > 4:
+            out[k] = f"[{len(v)} layers]"
+        else:
+            out[k] = v
+    return out
 
 
 def write_model_card(model, directory: str | os.PathLike, pipeline: bool = False) -> bool:

@@ -1,4 +1,4 @@
-"""Score a causal LM on the synthetic MQAR + arithmetic task (see :mod:`effalg.core.eval.lm_tasks`)."""
+"""Score a causal LM on the synthetic MQAR + digit-reversal task (see :mod:`effalg.core.eval.lm_tasks`)."""
 
 from __future__ import annotations
 
@@ -19,11 +19,11 @@ def evaluate_lm(
     batch_size: int = 4,
     seed: int = 1234,
 ) -> dict[str, Any]:
-    """Retrieval accuracy (value after ``qry k``), arithmetic accuracy and supervised-token loss, per context length.
+    """Retrieval accuracy (value after ``qry k``), local (digit-reversal) accuracy and supervised-token loss, per context length.
 
     ``model`` is any callable returning ``.logits`` (B, L, V) for ``input_ids`` (e.g. a ``Qwen2ForCausalLM``, fake-
     or really quantized). ``tokenizer`` is optional: when given, its ids for the task vocabulary are checked against
-    the built-in ones. Deterministic for a given ``seed``. Chance levels: retrieval 1/32, arithmetic 1/10.
+    the built-in ones. Deterministic for a given ``seed``. Chance levels: retrieval 1/32, local 1/10.
     """
     if tokenizer is not None:
         ids = tokenizer.convert_tokens_to_ids(lm_tasks.VOCAB)
@@ -38,10 +38,10 @@ def evaluate_lm(
         param = None
     device = param.device if param is not None else torch.device("cpu")
     per_len: dict[str, dict[str, float]] = {}
-    tot = {"ret_ok": 0, "ret_n": 0, "ar_ok": 0, "ar_n": 0, "nll": 0.0, "n": 0}
+    tot = {"ret_ok": 0, "ret_n": 0, "loc_ok": 0, "loc_n": 0, "nll": 0.0, "n": 0}
     for li, length in enumerate(lengths):
         gen = torch.Generator().manual_seed(seed + 7919 * li + length)
-        c = {"ret_ok": 0, "ret_n": 0, "ar_ok": 0, "ar_n": 0, "nll": 0.0, "n": 0}
+        c = {"ret_ok": 0, "ret_n": 0, "loc_ok": 0, "loc_n": 0, "nll": 0.0, "n": 0}
         done = 0
         while done < n_seqs:
             bs = min(batch_size, n_seqs - done)
@@ -53,7 +53,7 @@ def evaluate_lm(
             pred = lg.argmax(-1)
             sup = tgt != -100
             nll = torch.nn.functional.cross_entropy(lg[sup], tgt[sup], reduction="sum").item()
-            for kind, k in ((lm_tasks.KIND_RETRIEVAL, "ret"), (lm_tasks.KIND_ARITH, "ar")):
+            for kind, k in ((lm_tasks.KIND_RETRIEVAL, "ret"), (lm_tasks.KIND_LOCAL, "loc")):
                 m = kinds == kind
                 c[f"{k}_ok"] += int((pred[m] == tgt[m]).sum())
                 c[f"{k}_n"] += int(m.sum())
@@ -64,7 +64,7 @@ def evaluate_lm(
             tot[k] += c[k]
         per_len[str(length)] = {
             "retrieval_acc": c["ret_ok"] / max(1, c["ret_n"]),
-            "arith_acc": c["ar_ok"] / max(1, c["ar_n"]),
+            "local_acc": c["loc_ok"] / max(1, c["loc_n"]),
             "loss": c["nll"] / max(1, c["n"]),
         }
     if was_training and hasattr(model, "train"):
@@ -73,9 +73,9 @@ def evaluate_lm(
     return {
         "task": "lm",
         "retrieval_acc": tot["ret_ok"] / max(1, tot["ret_n"]),
-        "arith_acc": tot["ar_ok"] / max(1, tot["ar_n"]),
+        "local_acc": tot["loc_ok"] / max(1, tot["loc_n"]),
         "loss": loss,
         "ppl": math.exp(min(loss, 50.0)),
         "by_length": per_len,
-        "chance": {"retrieval_acc": 1 / lm_tasks.NUM_VALUES, "arith_acc": 0.1},
+        "chance": {"retrieval_acc": 1 / lm_tasks.NUM_VALUES, "local_acc": 0.1},
     }

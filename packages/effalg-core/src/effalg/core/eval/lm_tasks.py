@@ -1,10 +1,10 @@
-"""Synthetic LM task: multi-query associative recall (long range) interleaved with digit arithmetic (local).
+"""Synthetic LM task: multi-query associative recall (long range) interleaved with digit reversal (local).
 
 A sequence of exactly ``length`` tokens starts with ``<bos>``. Its first half holds ``def k v`` items (bind key
-``k`` to value ``v``) shuffled among arithmetic items ``a + b = c ;`` with ``c = (a + b) mod 10``; its second half
-holds ``qry k v`` items, one per bound key, again among arithmetic items. Predicting ``v`` after ``qry k`` needs a
-look-up across up to ``length`` tokens; predicting ``c`` needs only the previous four tokens. Only those two kinds
-of position are supervised (labels elsewhere are ``-100``).
+``k`` to value ``v``) shuffled among local items ``a b c = c b a ;`` (three random digits, then reversed); its second
+half holds ``qry k v`` items, one per bound key, again among local items. Predicting ``v`` after ``qry k`` needs a
+look-up across up to ``length`` tokens; each reversed digit needs only the previous six tokens. Only those two
+kinds of position are supervised (labels elsewhere are ``-100``).
 
 Pure torch; the same generator is used by ``reference_models/train_lm.py`` and by :func:`effalg.core.eval.evaluate_lm`.
 """
@@ -17,19 +17,20 @@ import torch
 
 NUM_KEYS = 64
 NUM_VALUES = 32
-SPECIALS = ["<pad>", "<bos>", "def", "qry", "+", "=", ";"]
+SPECIALS = ["<pad>", "<bos>", "def", "qry", "=", ";"]
 DIGITS = [str(i) for i in range(10)]
 KEYS = [f"k{i}" for i in range(NUM_KEYS)]
 VALUES = [f"v{i}" for i in range(NUM_VALUES)]
 VOCAB: list[str] = SPECIALS + DIGITS + KEYS + VALUES
 TOKEN_TO_ID = {t: i for i, t in enumerate(VOCAB)}
-PAD, BOS, DEF, QRY, PLUS, EQ, SEMI = (TOKEN_TO_ID[t] for t in SPECIALS)
+PAD, BOS, DEF, QRY, EQ, SEMI = (TOKEN_TO_ID[t] for t in SPECIALS)
 DIGIT0 = TOKEN_TO_ID["0"]
 KEY0 = TOKEN_TO_ID["k0"]
 VALUE0 = TOKEN_TO_ID["v0"]
 
 # Kinds of supervised position (``kinds`` tensor of :func:`make_batch`).
-KIND_NONE, KIND_RETRIEVAL, KIND_ARITH = 0, 1, 2
+KIND_NONE, KIND_RETRIEVAL, KIND_LOCAL = 0, 1, 2
+LOCAL_ITEM = 8  # tokens of one ``a b c = c b a ;`` item
 
 
 def num_pairs_for_length(length: int) -> int:
@@ -45,21 +46,21 @@ class LMBatch:
     distance: torch.Tensor  # (B, L) long, for retrieval labels: tokens between the ``def`` value and this value
 
 
-def _arith(gen: torch.Generator) -> list[int]:
-    a, b = (int(x) for x in torch.randint(0, 10, (2,), generator=gen))
-    return [DIGIT0 + a, PLUS, DIGIT0 + b, EQ, DIGIT0 + (a + b) % 10, SEMI]
+def _local(gen: torch.Generator) -> list[int]:
+    d = [DIGIT0 + int(x) for x in torch.randint(0, 10, (3,), generator=gen)]
+    return d + [EQ] + d[::-1] + [SEMI]
 
 
 def _half(items: list[list[int]], budget: int, gen: torch.Generator) -> list[list[int]]:
-    """Shuffle ``items`` among arithmetic items so that the total is ``budget`` tokens (``;`` pads the rest)."""
+    """Shuffle ``items`` among local items so that the total is ``budget`` tokens (``;`` pads the rest)."""
     used = sum(len(it) for it in items)
     if used > budget:
         raise ValueError("sequence too short for its key-value items")
-    n_arith = (budget - used) // 6
-    all_items = items + [_arith(gen) for _ in range(n_arith)]
+    n_local = (budget - used) // LOCAL_ITEM
+    all_items = items + [_local(gen) for _ in range(n_local)]
     order = torch.randperm(len(all_items), generator=gen).tolist()
     out = [all_items[i] for i in order]
-    pad = budget - used - 6 * n_arith
+    pad = budget - used - LOCAL_ITEM * n_local
     if pad:
         out.append([SEMI] * pad)
     return out
@@ -87,8 +88,8 @@ def make_sequence(length: int, gen: torch.Generator) -> tuple[list[int], list[in
             def_pos[prev] = t
         elif prev2 == QRY and KEY0 <= prev < KEY0 + NUM_KEYS:
             labels[t], kinds[t], dist[t] = tok, KIND_RETRIEVAL, t - def_pos[prev]
-        elif prev == EQ and t >= 4 and ids[t - 3] == PLUS:
-            labels[t], kinds[t] = tok, KIND_ARITH
+        elif EQ in (prev, prev2, ids[t - 3] if t >= 3 else PAD):  # the reversed digits follow ``=``
+            labels[t], kinds[t] = tok, KIND_LOCAL
     return ids, labels, kinds, dist
 
 

@@ -44,7 +44,7 @@ def load_reference_t2i(
 
 
 def load_reference_lm(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> tuple[Any, Any]:
-    """``(Qwen2ForCausalLM, tokenizer)`` trained on the MQAR + arithmetic task."""
+    """``(Qwen2ForCausalLM, tokenizer)`` trained on the MQAR + digit-reversal task."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     p = path or reference_models_dir() / LM_NAME

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-_LM_COLS = [("retrieval_acc", "retr"), ("arith_acc", "arith"), ("loss", "loss")]
+_LM_COLS = [("retrieval_acc", "retr"), ("local_acc", "local"), ("loss", "loss")]
 _T2I_COLS = [("shape_acc", "shape"), ("color_acc", "color"), ("bg_acc", "bg"), ("all_acc", "all"), ("frechet", "FD")]
 
 
