@@ -1,10 +1,15 @@
 """MoA quality on the trained reference LM (tiny-qwen2-mqar): dense vs. searched MoA plan vs. uniform window.
 
 The search profiles attention influence at 256 and 512 tokens on MQAR sequences (loss on the supervised tokens only),
-solves the MILP at each density, and picks the final plan among the Pareto candidates by loss at 1024 tokens on a
-separate selection set. The uniform baseline (StreamingLLM-style: fixed window, beta = 0, the same sink) has the
-window whose density at 1024 is closest to the searched plan's. All variants are scored by
+solves the MILP at each density (budget at 256, 512 and 1024), and picks the final plan among the Pareto candidates by
+loss at 1024 tokens on a separate selection set. The uniform baseline (StreamingLLM-style: fixed window, beta = 0,
+the same sink) has the window whose density at 1024 is closest to the searched plan's. All variants are scored by
 ``effalg.core.eval.evaluate_lm`` at 1024 tokens (its own held-out sequences), MoA through ``apply_moa``.
+
+**Density** is the kept fraction of the KV cache, ``plan.density(N)`` (mean over layers and KV heads of
+``min(N, sink + window) / N``): the searched and uniform rows of one budget have equal KV density. The table also gives
+the score density (``plan.score_density(N)``) and the real ``MoACache`` bytes after a prefill of N tokens divided by
+``density x`` a dense cache's bytes.
 
     python benchmarks/moa_quality.py [--densities 0.5 0.25] [--n-cal 8] [--n-eval 16] [--json out.json]
 """
@@ -51,12 +56,28 @@ def run(
     score = lambda: evaluate_lm(model, tok, lengths=(eval_length,), n_seqs=n_eval)  # noqa: E731
     rows, plans = [], {}
 
+    def kv_ratio(plan) -> float:
+        """Real MoACache bytes after a prefill of eval_length tokens / (density x dense cache bytes)."""
+        from effalg.transformers import MoACache
+
+        if plan is None:
+            return 1.0
+        cfg = model.config
+        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        elem = next(model.parameters()).element_size()
+        dense = 2 * cfg.num_hidden_layers * cfg.num_key_value_heads * eval_length * head_dim * elem
+        cache = MoACache(plan)
+        with moa_applied(model, plan), torch.no_grad():
+            model(input_ids=select[0]["input_ids"][None, :eval_length], past_key_values=cache, use_cache=True)
+        return cache.kv_cache_bytes() / (plan.density(eval_length) * dense)
+
     def add(name, plan, res, seconds=None):
         by = res["by_length"][str(eval_length)]
         rows.append({
             "variant": name,
             "density": 1.0 if plan is None else plan.density(eval_length),
-            "kv_fraction": 1.0 if plan is None else plan.cache_fraction(eval_length),
+            "score_density": 1.0 if plan is None else plan.score_density(eval_length),
+            "kv_vs_density": kv_ratio(plan),
             "loss": by["loss"],
             "retrieval_acc": by["retrieval_acc"],
             "local_acc": by.get("local_acc", by.get("arith_acc", float("nan"))),
@@ -95,15 +116,19 @@ def main() -> None:
     out = run(a.densities, tuple(a.lengths), a.eval_length, a.n_cal, a.n_select, a.n_eval, a.model)
     n = out["eval_length"]
     print(f"\nMoA quality on tiny-qwen2-mqar at {n} tokens (profiled at {out['lengths']}):\n")
-    heads = ["variant", f"density@{n}", "KV cache / dense", "loss", "retrieval acc", "local acc", "search s"]
+    heads = ["variant", f"density (KV kept) @{n}", f"score density @{n}", "KV bytes / (density x dense)", "loss",
+             "retrieval acc", "local acc", "search s"]
     print(format_table(heads, [
-        [r["variant"], r["density"], r["kv_fraction"], r["loss"], r["retrieval_acc"], r["local_acc"],
+        [r["variant"], f"{r['density']:.4f}", f"{r['score_density']:.4f}", f"{r['kv_vs_density']:.4f}",
+         f"{r['loss']:.4f}", f"{r['retrieval_acc']:.3f}", f"{r['local_acc']:.3f}",
          "" if r["search_s"] is None else f"{r['search_s']:.1f}"]
         for r in out["rows"]
     ]))
     for d, pl in out["plans"].items():
         rules = [(e["alpha"], e["beta"]) for layer in pl["searched"]["entries"].values() for e in layer]
         print(f"searched @{d}: (alpha, beta) per layer x KV head: {rules}")
+        search = pl["searched"].get("metadata", {}).get("search", {})
+        print(f"  selection-set losses of the candidates: {search.get('candidate_eval_losses')}")
     if a.json:
         with open(a.json, "w") as f:
             json.dump(out, f, indent=2)

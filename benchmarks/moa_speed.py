@@ -10,6 +10,11 @@ random weights, bf16) at 8k / 16k / 32k context. Variants, all in one run:
 * ``uniform 50%`` / ``uniform 25%``: every KV head the same fixed window (and the same sink), the window chosen
   so that the density at N equals the MoA plan's (StreamingLLM-style), through the same MoA runtime.
 
+**Density** is the kept fraction of the KV cache, ``plan.density(N)`` (mean over layers and KV heads of
+``min(N, sink + window) / N``); MoA and uniform rows of one density have equal KV density. The table also gives the
+score density (kept fraction of the causal score matrix, ``plan.score_density(N)``: the prefill's work) and
+``KV bytes / (density x dense bytes)``, which is 1 when the compact cache holds exactly what the density says.
+
 Measured: prefill time (one forward of N tokens, ``logits_to_keep=1``; only at ``--prefill-lengths``, dense causal
 prefill at 32k takes minutes on a small CPU), decode tokens/s (model steps on a cache holding N tokens; the cache is
 filled with random K/V so that every length can be measured), decode-attention time per step (the attention op of one
@@ -189,6 +194,7 @@ def main() -> None:
             with moa_applied(model, plan):
                 cache = filled_cache(model, plan, n)
                 rec["density"] = 1.0 if plan is None else plan.density(n)
+                rec["score_density"] = 1.0 if plan is None else plan.score_density(n)
                 rec["kv_bytes"] = kv_bytes(cache)
                 rec["attn_ms"], grouped = attn_decode_ms(model, cache, a.attn_reps)
                 if grouped is not None:
@@ -209,15 +215,16 @@ def main() -> None:
                 rec["prefill_speedup"] = base["prefill_s"] / rec["prefill_s"]
             records.append(rec)
             rows.append([
-                n, name, f"{rec['density']:.3f}", f"{rec['kv_bytes'] / 2**20:.1f}", f"{rec['kv_vs_dense']:.3f}",
-                f"{rec['kv_vs_density']:.3f}",
+                n, name, f"{rec['density']:.3f}", f"{rec['score_density']:.3f}", f"{rec['kv_bytes'] / 2**20:.1f}",
+                f"{rec['kv_vs_density']:.4f}",
                 f"{rec['prefill_s']:.2f} ({rec['prefill_speedup']:.2f}x)" if "prefill_s" in rec else "-",
                 f"{rec['decode_tok_s']:.1f} ({rec['decode_speedup']:.2f}x)",
                 f"{rec['attn_ms']:.2f}" + (f" (grouped {rec['attn_grouped_ms']:.2f})" if plan is None else ""),
                 f"{rec['attn_speedup']:.2f}x / {rec['attn_speedup_grouped']:.2f}x",
             ])
             print(f"  N={n} {name}: done ({time.perf_counter() - t_start:.0f}s)", file=sys.stderr)
-    heads = ["N", "variant", "density", "KV MiB", "KV / dense", "KV / (density x dense)", "prefill s (speed-up)",
+    heads = ["N", "variant", "density (KV kept)", "score density", "KV MiB", "KV / (density x dense)",
+             "prefill s (speed-up)",
              "decode tok/s (speed-up)", "decode attn ms/step/layer", "attn speed-up vs sdpa / grouped dense"]
     print(format_table(heads, rows))
     print(f"\ntotal {time.perf_counter() - t_start:.0f}s")

@@ -41,14 +41,35 @@ def test_shape_windows_sinks():
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 20, 33])
-def test_density_matches_explicit_mask(n):
+def test_score_density_matches_explicit_mask(n):
     plan = _plan()
     w, s = plan.windows(n), plan.sinks()
     counts = torch.tensor([[int(_mask(n, int(w[i, h]), int(s[i, h])).sum()) for h in range(2)] for i in range(3)])
     assert torch.equal(plan.kept_scores(n), counts)
-    assert plan.density(n) == pytest.approx(float(counts.double().mean()) / (n * (n + 1) / 2))
+    assert plan.score_density(n) == pytest.approx(float(counts.double().mean()) / (n * (n + 1) / 2))
     full = ElasticWindowPlan.uniform(3, 2, alpha=0, beta=1.0, sink=0)
-    assert full.density(n) == pytest.approx(1.0)
+    assert full.score_density(n) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 20, 33])
+def test_density_is_kv_fraction(n):
+    """density(N) = mean over heads of min(N, sink + window) / N (the kept KV-cache fraction)."""
+    plan = _plan()
+    w, s = plan.windows(n), plan.sinks()
+    ref = sum(min(n, int(w[i, h]) + int(s[i, h])) for i in range(3) for h in range(2)) / (6 * n)
+    assert plan.density(n) == pytest.approx(ref, rel=1e-12)
+    assert plan.cache_fraction(n) == plan.density(n)
+    assert plan.head_density(n).mean().item() == pytest.approx(ref, rel=1e-12)
+    assert 0 < plan.density(n) <= 1
+    # a full head with sinks keeps N slots, not N + sink
+    full = ElasticWindowPlan.uniform(3, 2, alpha=0, beta=1.0, sink=4)
+    assert full.density(n) == 1.0 and full.cache_slots(n).eq(n).all()
+    # (window', sink') of the cache: sink' + window' = cache slots, and the same mask for every query < N
+    cw, cs = plan.cache_rules(n)
+    assert torch.equal(cw + cs, plan.cache_slots(n)) and (cw >= 1).all() and (cs <= n - 1).all()
+    for i in range(3):
+        for h in range(2):
+            assert torch.equal(_mask(n, int(cw[i, h]), int(cs[i, h])), _mask(n, int(w[i, h]), int(s[i, h])))
 
 
 def test_uniform_and_cache_bytes():
@@ -56,8 +77,9 @@ def test_uniform_and_cache_bytes():
     assert plan.windows(64).unique().tolist() == [34]
     assert plan.cache_slots(64).sum().item() == 4 * 2 * 38
     assert plan.kv_cache_bytes(64, batch_size=3, head_dim=8, dtype=torch.bfloat16) == 4 * 2 * 38 * 2 * 3 * 8 * 2
-    assert plan.cache_fraction(64) == pytest.approx(38 / 64)
-    assert "4 layers x 2 KV heads" in plan.summary((64,))
+    assert plan.density(64) == pytest.approx(38 / 64)
+    assert plan.kv_cache_bytes(64, head_dim=8) == pytest.approx(plan.density(64) * 4 * 2 * 64 * 2 * 8 * 4)
+    assert "4 layers x 2 KV heads" in plan.summary((64,)) and "score density" in plan.summary((64,))
 
 
 def test_json_roundtrip(tmp_path):

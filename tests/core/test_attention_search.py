@@ -17,6 +17,7 @@ from effalg.core.attention_search import (
     rule_costs,
     rule_density,
     rule_kept_blocks,
+    rule_score_density,
     select_rules,
     window_length,
 )
@@ -104,7 +105,10 @@ def test_kept_blocks_and_density_match_explicit_mask(n, bs):
         torch.testing.assert_close(kept, mp.reshape(nb, bs, nb, bs).sum((1, 3)))
         tri = torch.nn.functional.pad(torch.tril(torch.ones(n, n)).double(), (0, nb * bs - n, 0, nb * bs - n))
         torch.testing.assert_close(causal, tri.reshape(nb, bs, nb, bs).sum((1, 3)))
-        assert rule_density(window, 0.0, sink, n) == pytest.approx(float(m.sum()) / (n * (n + 1) / 2))
+        assert rule_score_density(window, 0.0, sink, n) == pytest.approx(float(m.sum()) / (n * (n + 1) / 2))
+        assert ElasticRule(window, 0.0, sink).score_density(n) == rule_score_density(window, 0.0, sink, n)
+        # density = kept KV-cache fraction: the keys the last query row can ever need, min(N, sink + window)
+        assert rule_density(window, 0.0, sink, n) == min(n, sink + window) / n
 
 
 def test_rule_cost_token_granularity():
@@ -208,4 +212,7 @@ def test_density_matches_plan():
     for n in (1, 5, 100, 257):
         ref = np.mean([r.density(n) for layer in rules for r in layer])
         assert plan.density(n) == pytest.approx(ref, rel=1e-12)
+        assert plan.head_density(n).tolist() == [[r.density(n) for r in layer] for layer in rules]
+        ref_s = np.mean([r.score_density(n) for layer in rules for r in layer])
+        assert plan.score_density(n) == pytest.approx(ref_s, rel=1e-12)
         assert plan.windows(n).tolist() == [[r.window(n) for r in layer] for layer in rules]

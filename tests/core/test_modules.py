@@ -15,6 +15,12 @@ from effalg.core.modules import (
 )
 
 
+@pytest.fixture(autouse=True)
+def _onednn_int8_layout(monkeypatch):
+    """Exercise the prepacked-weight layout on every CPU (by default it is used only where AMX makes it fast)."""
+    monkeypatch.setenv("EFFALG_CPU_ONEDNN_INT8", "1")
+
+
 def _linear(k=32, n=24, bias=True, seed=0):
     torch.manual_seed(seed)
     lin = nn.Linear(k, n, bias=bias)

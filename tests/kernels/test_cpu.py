@@ -12,6 +12,12 @@ TOL = {torch.float32: 1e-6, torch.bfloat16: 2**-7, torch.float16: 2**-9}
 SHAPES = [(1, 64, 96), (7, 1152, 96), (64, 1152, 4608), (300, 64, 4608), (33, 72, 40)]
 
 
+@pytest.fixture(autouse=True)
+def _onednn_int8_layout(monkeypatch):
+    """Exercise the prepacked-weight layout on every CPU (by default it is used only where AMX makes it fast)."""
+    monkeypatch.setenv("EFFALG_CPU_ONEDNN_INT8", "1")
+
+
 def _rel(out, ref):
     return float((out.double() - ref.double()).abs().max() / ref.double().abs().max().clamp_min(1e-30))
 
@@ -123,3 +129,16 @@ def test_fused_quantizer_bit_exact_on_large_inputs(dtype):
     q, s = cpu.quantize_per_token_cpu(x)
     q_ref, s_ref = reference.quantize_per_token_ref(x)
     assert torch.equal(q, q_ref) and torch.equal(s, s_ref)
+
+
+def test_prepacking_only_where_onednn_int8_is_fast(monkeypatch):
+    w = torch.randint(-127, 128, (16, 32), dtype=torch.int8)
+    monkeypatch.setenv("EFFALG_CPU_ONEDNN_INT8", "0")
+    assert K.prepack_int8_weight(w) is w  # plain layout: torch._int_mm path
+    monkeypatch.setenv("EFFALG_CPU_ONEDNN_INT8", "1")
+    packed = K.prepack_int8_weight(w)
+    assert packed is not w and torch.equal(K.unpack_int8_weight(packed), w)
+    monkeypatch.delenv("EFFALG_CPU_ONEDNN_INT8")
+    from effalg.kernels.cpu import onednn_int8_available
+
+    assert onednn_int8_available() == bool(torch.cpu._is_amx_tile_supported())  # default: only with AMX

@@ -7,6 +7,12 @@ import effalg.kernels as K
 from effalg.kernels import reference
 
 
+@pytest.fixture(autouse=True)
+def _onednn_int8_layout(monkeypatch):
+    """Exercise the prepacked-weight layout on every CPU (by default it is used only where AMX makes it fast)."""
+    monkeypatch.setenv("EFFALG_CPU_ONEDNN_INT8", "1")
+
+
 def _w8():
     return torch.randint(-127, 128, (24, 64), dtype=torch.int8), torch.rand(24)
 

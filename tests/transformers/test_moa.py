@@ -28,6 +28,10 @@ def _ref_attention(module, query, key, value, attention_mask, scaling=None, drop
     rules = REF["plan"].entries[str(module.layer_idx)]
     w = torch.tensor([min(max(math.ceil(r["alpha"] + r["beta"] * n), 1), n) for r in rules])
     s = torch.tensor([r["sink"] for r in rules])
+    # a head with sink + window > n keeps n slots: sink' = min(sink, n - 1), window' = min(window, n - sink') (the same
+    # mask for queries < n; decoding past n it slides a window of n - sink')
+    s = s.clamp(max=n - 1)
+    w = torch.minimum(w, n - s)
     w, s = w.repeat_interleave(rep).view(1, Hq, 1, 1), s.repeat_interleave(rep).view(1, Hq, 1, 1)
     pad = REF["pad"].view(B, 1, 1, 1)
     i = torch.arange(kv_len - q_len, kv_len).view(1, 1, q_len, 1)
@@ -135,8 +139,41 @@ def test_prefill_and_every_decode_step_equal_reference(models, arch):
     D = model.config.hidden_size // model.config.num_attention_heads
     assert cache.kv_cache_bytes() == plan.kv_cache_bytes(L, batch_size=2, head_dim=D, dtype=torch.float32)
     dense = 2 * 2 * plan.num_layers * plan.num_kv_heads * L * D * 4
-    assert cache.kv_cache_bytes() / dense == pytest.approx(plan.cache_fraction(L))
-    assert plan.cache_fraction(L) < 0.75
+    assert cache.kv_cache_bytes() / dense == pytest.approx(plan.density(L))
+    assert plan.density(L) < 0.75
+
+
+@pytest.mark.parametrize("which", ["mixed", "overlapping", "full_with_sinks"])
+def test_kv_bytes_are_density_times_dense(models, which):
+    """The MoACache's real bytes == plan.density(N) x a dense cache's bytes (density = kept KV fraction), also for
+    heads whose sink + window exceeds N (cached with N slots); generation past N still matches the reference."""
+    model = copy.deepcopy(models["qwen2"])
+    plans = {
+        "mixed": _plan(2),
+        "overlapping": ElasticWindowPlan.from_rules([
+            [{"alpha": 0, "beta": 0.9, "sink": 3}, {"alpha": 1, "beta": 0.0, "sink": 20}],
+            [{"alpha": 2, "beta": 0.0, "sink": 2}, {"alpha": 6, "beta": 0.0, "sink": 5}],
+        ]),
+        "full_with_sinks": ElasticWindowPlan.uniform(2, 2, alpha=0, beta=1.0, sink=4),
+    }
+    plan = plans[which]
+    apply_moa(model, plan)
+    ids, am = _inputs()
+    B, L = ids.shape
+    ref = _reference_model(models["qwen2"], plan, pad=(am == 0).sum(1), n=L)
+    kw = dict(attention_mask=am, max_new_tokens=12, do_sample=False, return_dict_in_generate=True, output_logits=True,
+              pad_token_id=0)
+    got, want = model.generate(ids, **kw), ref.generate(ids, **kw)
+    assert torch.equal(got.sequences, want.sequences)
+    for a, b in zip(got.logits, want.logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    D = model.config.hidden_size // model.config.num_attention_heads
+    dense = 2 * B * plan.num_layers * plan.num_kv_heads * L * D * 4  # K and V, float32
+    real = got.past_key_values.kv_cache_bytes()
+    assert real == round(plan.density(L) * dense) == plan.kv_cache_bytes(L, batch_size=B, head_dim=D)
+    assert plan.density(L) <= 1.0
+    if which == "full_with_sinks":
+        assert real == dense
 
 
 def test_user_cache_with_max_length_and_decode_loop(models):

@@ -71,6 +71,12 @@ def test_search_tiny_qwen2_meets_budget(qwen2):
         assert plan.density(n) <= 0.5 + 1e-9
     assert plan.metadata["search"]["eval_length"] == 128
     assert all("eval_loss" in c for c in det["candidates"]) or len(det["candidates"]) == 1
+    # with the uniform safeguard candidate the pick is recorded
+    plan2 = search_moa(model, calibration=cal, density=0.5, lengths=(32, 64), eval_length=128, include_uniform=True,
+                       show_progress=False)
+    assert plan2.metadata["search"]["source"] in ("milp", "uniform")
+    assert any(c["source"] == "uniform" for c in plan2.metadata["search"]["candidate_eval_losses"])
+    assert all(plan2.density(n) <= 0.5 + 1e-9 for n in (32, 64, 128))
     # the model is left as it was
     assert model.config._attn_implementation == impl
     assert getattr(model.config, "moa_plan", None) is None
@@ -149,19 +155,29 @@ def test_cli_writes_valid_plan(qwen2, tmp_path, capsys):
 
 def test_searched_beats_uniform_on_reference_lm():
     """On the trained MQAR model, the searched plan's loss at an unseen length is <= a uniform window's at equal
-    density (the issue's quality criterion; small sample sizes)."""
+    density (kept KV-cache fraction) (the issue's quality criterion) at 50% density, the benchmark's setting
+    (benchmarks/moa_quality.py: 0.831 vs 0.846). At 25% it does not hold on this model (1.010 vs 0.978)."""
     from effalg.core.eval import evaluate_lm, lm_tasks, load_reference_lm
 
     try:
         model, tok = load_reference_lm()
     except (FileNotFoundError, OSError) as e:
         pytest.skip(f"reference LM not available: {e}")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: one thread is ~10x faster than two on a busy 2-core machine
+    try:
+        _searched_vs_uniform(model, tok, lm_tasks, evaluate_lm)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _searched_vs_uniform(model, tok, lm_tasks, evaluate_lm):
     cal = {}
     for n in (256, 512):
-        b = lm_tasks.make_batch(4, n, seed=1000 + n)
-        cal[n] = [{"input_ids": b.input_ids[i], "labels": b.labels[i]} for i in range(4)]
-    sel = lm_tasks.make_batch(2, 1024, seed=3024)
-    select = [{"input_ids": sel.input_ids[i], "labels": sel.labels[i]} for i in range(2)]
+        b = lm_tasks.make_batch(8, n, seed=1000 + n)
+        cal[n] = [{"input_ids": b.input_ids[i], "labels": b.labels[i]} for i in range(8)]
+    sel = lm_tasks.make_batch(8, 1024, seed=2000 + 1024)
+    select = [{"input_ids": sel.input_ids[i], "labels": sel.labels[i]} for i in range(8)]
     plan = search_moa(model, tok, cal, density=0.5, lengths=(256, 512), eval_length=1024, eval_data=select,
                       show_progress=False)
     uni = uniform_plan_like(plan, 1024)
@@ -169,5 +185,5 @@ def test_searched_beats_uniform_on_reference_lm():
     scores = {}
     for name, p in (("searched", plan), ("uniform", uni)):
         with moa_applied(model, p):
-            scores[name] = evaluate_lm(model, tok, lengths=(1024,), n_seqs=4)["loss"]
+            scores[name] = evaluate_lm(model, tok, lengths=(1024,), n_seqs=16)["loss"]
     assert scores["searched"] <= scores["uniform"], scores

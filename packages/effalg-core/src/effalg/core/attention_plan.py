@@ -8,6 +8,13 @@ stored once, with only its sink + window tokens.
 Mask semantics (the single source of truth for kernels, cache and tests): in a row with ``pad`` left-padding
 tokens, query ``i >= pad`` sees key ``j`` iff ``pad <= j <= i`` and (``i - j < window`` or ``j - pad < sink``).
 
+**Density** (``density(N)``) is the fraction of the KV cache kept: the mean over layers and KV heads of
+``min(N, sink + window) / N``, what decode time and KV memory scale with. A head with ``sink + window >= N`` sees
+every key at length ``N`` and is cached with ``N`` slots; its cache rule is ``sink' = min(sink, N - 1)``,
+``window' = min(window, N - sink')`` (:meth:`ElasticWindowPlan.cache_rules`), which gives the same mask for every
+query ``i < N`` and differs only when decoding past ``N``. The kept fraction of the causal ``N x N`` score matrix
+(the prefill's work) is :meth:`ElasticWindowPlan.score_density`.
+
 Entries: ``{"0": [{"alpha": float, "beta": float, "sink": int}, ...one per KV head], "1": [...], ...}``, keyed by
 decoder-layer index.
 """
@@ -205,31 +212,51 @@ class ElasticWindowPlan(Plan):
         extra = s_eff * (s_eff + 1) // 2 + (m - s_eff) * s_eff
         return band + extra
 
-    def head_density(self, n: int) -> torch.Tensor:
+    def head_score_density(self, n: int) -> torch.Tensor:
         """float64[num_layers, num_kv_heads]: kept fraction of the causal n x n score matrix per KV head."""
         n = _check_length(n)
         return self.kept_scores(n).to(torch.float64) / (n * (n + 1) / 2)
 
-    def density(self, n: int) -> float:
-        """Kept fraction of the causal n x n score matrix, averaged over all KV heads."""
-        return float(self.head_density(n).mean())
+    def score_density(self, n: int) -> float:
+        """Kept fraction of the causal n x n score matrix (the prefill's attention work), averaged over KV heads."""
+        return float(self.head_score_density(n).mean())
+
+    def cache_rules(self, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(window', sink')`` int64[num_layers, num_kv_heads]: the rules a KV cache sized for length ``n`` uses,
+        ``sink' = min(sink, n - 1)``, ``window' = min(window, n - sink')``, so ``sink' + window' = min(n, sink +
+        window)``; the same mask as ``(window, sink)`` for every query ``i < n``."""
+        w = self.windows(n)
+        s = self.sinks().clamp(max=n - 1)
+        return torch.minimum(w, n - s), s
 
     def cache_slots(self, n: int) -> torch.Tensor:
-        """int64[num_layers, num_kv_heads]: KV-cache slots per KV head when sized for length n (sink + window)."""
-        return self.windows(n) + self.sinks()
+        """int64[num_layers, num_kv_heads]: KV-cache slots per KV head when sized for length n,
+        ``min(n, sink + window)``."""
+        w, s = self.cache_rules(n)
+        return w + s
+
+    def head_density(self, n: int) -> torch.Tensor:
+        """float64[num_layers, num_kv_heads]: kept fraction of the KV cache per head, ``min(n, sink + window) / n``."""
+        n = _check_length(n)
+        return self.cache_slots(n).to(torch.float64) / n
+
+    def density(self, n: int) -> float:
+        """THE density of a plan: the kept fraction of the KV cache at length ``n`` (mean over layers and KV heads
+        of ``min(n, sink + window) / n``); decode attention time and KV memory scale with it."""
+        return float(self.cache_slots(n).sum()) / (n * self.num_layers * self.num_kv_heads)
+
+    def cache_fraction(self, n: int) -> float:
+        """Alias of :meth:`density` (the MoA KV-cache size relative to a dense cache of ``n`` tokens)."""
+        return self.density(n)
 
     def kv_cache_bytes(self, n: int, *, batch_size: int = 1, head_dim: int, dtype: torch.dtype = torch.float32) -> int:
-        """Bytes of a MoA KV cache (K and V) sized for length ``n``."""
+        """Bytes of a MoA KV cache (K and V) sized for length ``n``: ``density(n)`` x the dense cache's bytes."""
         elem = torch.empty((), dtype=dtype).element_size()
         return int(self.cache_slots(n).sum()) * 2 * batch_size * head_dim * elem
 
-    def cache_fraction(self, n: int) -> float:
-        """MoA KV-cache size relative to a dense cache of ``n`` tokens."""
-        return float(self.cache_slots(n).sum()) / (n * self.num_layers * self.num_kv_heads)
-
     def summary(self, lengths: Sequence[int] = (2048, 8192)) -> str:
-        """One line: shape, density and cache fraction at a few lengths."""
+        """One line: shape, density (KV fraction) and score density at a few lengths."""
         parts = [f"{self.num_layers} layers x {self.num_kv_heads} KV heads"]
         for n in lengths:
-            parts.append(f"N={n}: density {self.density(n):.3f}, KV cache {self.cache_fraction(n):.3f} of dense")
+            parts.append(f"N={n}: density (KV kept) {self.density(n):.3f}, score density {self.score_density(n):.3f}")
         return "; ".join(parts)

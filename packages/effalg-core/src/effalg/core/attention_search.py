@@ -2,12 +2,14 @@
 
 A rule ``(alpha, beta, sink)`` keeps, at input length ``N``, a causal band of ``w = clamp(ceil(alpha + beta * N), 1, N)``
 keys plus the first ``sink`` keys: query ``i`` sees key ``j`` iff ``j <= i`` and (``i - j < w`` or ``j < sink``), the
-mask semantics of :class:`effalg.core.attention_plan.ElasticWindowPlan`.
+mask semantics of :class:`effalg.core.attention_plan.ElasticWindowPlan`. A rule's **density** at ``N`` is the fraction of
+the KV cache it keeps, ``min(N, sink + window) / N`` (as ``ElasticWindowPlan.density``); its score density (kept
+fraction of the causal score matrix) is :func:`rule_score_density`.
 
 Costs are computed at **token granularity** on block-summed influence: the influence of a ``block_size x block_size``
 block is assumed spread uniformly over its causal entries, and a rule pays the dropped fraction of it (exact for
 ``block_size = 1``). Selection picks one rule per (layer, KV head) with ``scipy.optimize.milp`` (HiGHS), under an
-average-density budget at several lengths (no Gurobi).
+average-density (kept KV fraction) budget at several lengths (no Gurobi).
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ __all__ = [
     "rule_costs",
     "rule_density",
     "rule_kept_blocks",
+    "rule_score_density",
     "select_rules",
     "window_length",
 ]
@@ -48,7 +51,12 @@ class ElasticRule(NamedTuple):
         return window_length(self.alpha, self.beta, n)
 
     def density(self, n: int) -> float:
+        """Kept KV-cache fraction at length ``n``: ``min(n, sink + window) / n``."""
         return rule_density(self.alpha, self.beta, self.sink, n)
+
+    def score_density(self, n: int) -> float:
+        """Kept fraction of the causal ``n x n`` score matrix."""
+        return rule_score_density(self.alpha, self.beta, self.sink, n)
 
     def as_dict(self) -> dict:
         return {"alpha": float(self.alpha), "beta": float(self.beta), "sink": int(self.sink)}
@@ -77,12 +85,23 @@ def _kept_per_row(n: int, window: int, sink: int) -> torch.Tensor:
     return band + extra
 
 
+def _check_sink(sink, fn: str) -> int:
+    if isinstance(sink, bool) or not isinstance(sink, int) or sink < 0:
+        raise ValueError(f"{fn}: sink must be an int >= 0, got {sink!r}")
+    return sink
+
+
 def rule_density(alpha: float, beta: float, sink: int, n: int) -> float:
+    """Fraction of the KV cache the rule keeps at length ``n``: ``min(n, sink + window) / n`` (the slots of
+    :meth:`effalg.core.attention_plan.ElasticWindowPlan.cache_slots`; a sink overlapping the window counts once)."""
+    w = window_length(alpha, beta, n)
+    return min(n, _check_sink(sink, "rule_density") + w) / n
+
+
+def rule_score_density(alpha: float, beta: float, sink: int, n: int) -> float:
     """Fraction of the causal ``n x n`` score matrix kept by the rule (exact count / ``n (n + 1) / 2``)."""
     w = window_length(alpha, beta, n)
-    if isinstance(sink, bool) or not isinstance(sink, int) or sink < 0:
-        raise ValueError(f"rule_density: sink must be an int >= 0, got {sink!r}")
-    return float(_kept_per_row(n, w, sink).sum()) / (n * (n + 1) / 2)
+    return float(_kept_per_row(n, w, _check_sink(sink, "rule_score_density")).sum()) / (n * (n + 1) / 2)
 
 
 def rule_kept_blocks(n: int, block_size: int, window: int, sink: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,7 +274,8 @@ def select_rules(
 
     Args:
         costs: per cost length, ``[L, Hkv, C]`` (influence dropped by each rule, >= 0).
-        densities: per constraint length, ``[C]`` density of each rule (may be more lengths than ``costs``).
+        densities: per constraint length, ``[C]`` density of each rule (may be more lengths than ``costs``); with
+            :func:`rule_density` the kept KV-cache fraction.
         budget: average density bound (one for all lengths or one per constraint length): for every constraint length
             ``mean_{l,h} density[choice] <= budget`` and, if ``min_fraction`` is set, ``>= min_fraction * budget``.
         weights: objective weight per cost length (default all 1). With ``normalize`` each length's cost is divided by

@@ -119,11 +119,14 @@ def get_moa_plan(config: Any) -> ElasticWindowPlan:
 
 
 def _layer_rules(plan: ElasticWindowPlan, n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(windows int64[L, Hkv], sinks int64[L, Hkv])`` on ``device``, memoized per (plan, n, device)."""
+    """``(windows int64[L, Hkv], sinks int64[L, Hkv])`` on ``device``: the plan's cache rules at ``n``
+    (:meth:`~effalg.core.ElasticWindowPlan.cache_rules`: ``sink + window <= n``, the same mask as the plan's rules for
+    every query ``i < n``), memoized per (plan, n, device)."""
     memo = plan.__dict__.setdefault("_effalg_rules", {})
     key = (n, str(device))
     if key not in memo:
-        memo[key] = (plan.windows(n).to(device), plan.sinks().to(device))
+        w, s = plan.cache_rules(n)
+        memo[key] = (w.to(device), s.to(device))
     return memo[key]
 
 
@@ -131,7 +134,8 @@ def _layer_rules(plan: ElasticWindowPlan, n: int, device: torch.device) -> tuple
 # the compact cache
 # ---------------------------------------------------------------------------------------------------------------------
 class MoACacheLayer(CacheLayerMixin):
-    """One decoder layer's MoA KV cache: per KV head ``sink`` slots + a ``window``-slot ring buffer.
+    """One decoder layer's MoA KV cache: per KV head ``sink`` slots + a ``window``-slot ring buffer (the plan's
+    cache rules at ``N``, so ``min(N, sink + window)`` slots: ``plan.density(N)`` x a dense cache's bytes).
 
     ``keys`` / ``values`` are ``[B, T, D]``, KV head ``h`` owning slots ``head_start[h] .. head_start[h+1]``:
     the first ``sink[h]`` hold the row's first real tokens, the rest the last ``window[h]`` non-sink tokens (a ring
@@ -545,12 +549,13 @@ def dense_attention(model: PreTrainedModel, attn_implementation: str = "sdpa") -
 
 def _density_line(plan: ElasticWindowPlan, lengths=(4096, 16384)) -> str:
     return ", ".join(
-        f"density {plan.density(n):.3f} / KV cache {plan.cache_fraction(n):.3f} of dense at N={n}" for n in lengths
+        f"density (KV cache kept) {plan.density(n):.3f} / score density {plan.score_density(n):.3f} at N={n}"
+        for n in lengths
     )
 
 
 def plan_summary(plan: Any, lengths=(4096, 16384)) -> str:
-    """Human-readable plan summary (shape, density and KV-cache fraction at ``lengths``)."""
+    """Human-readable plan summary (shape, density = kept KV-cache fraction, and score density at ``lengths``)."""
     plan = _coerce_plan(plan)
     w = [float(plan.windows(n).double().mean()) for n in lengths]
     wins = ", ".join(f"mean window {x:.0f} at N={n}" for x, n in zip(w, lengths))

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from effalg.core.attention_plan import ElasticWindowPlan
 from effalg.core.attention_search import (
     ElasticRule,
+    RuleSelection,
     attention_influence,
     candidate_rules,
     rule_costs,
@@ -369,6 +370,8 @@ def search_moa(
     num_samples: int | None = None,
     num_eval_samples: int | None = None,
     min_fraction: float | None = 0.9,
+    density_lengths: Sequence[int] | None = None,
+    include_uniform: bool = False,
     layers_per_pass: int | None = None,
     time_limit: float | None = None,
     influence_cache: str | os.PathLike | None = None,
@@ -383,8 +386,10 @@ def search_moa(
             at least ``N`` tokens are cropped to their first ``N`` for profiling at length ``N``. Or a mapping
             ``{length: samples}``. Alternatively give ``prompts`` (+ ``max_new_tokens``) to let the dense model write
             its own calibration text (:func:`generate_calibration`).
-        density: average density budget (fraction of the causal score matrix kept), enforced at every profiling
-            length and at ``eval_length`` (and >= ``min_fraction * density``).
+        density: average density budget: the kept fraction of the KV cache, mean over layers and KV heads of
+            ``min(N, sink + window) / N`` (:meth:`ElasticWindowPlan.density`), enforced at every length of
+            ``density_lengths`` (default: the profiling lengths and ``eval_length``, as in MoA), and
+            ``>= min_fraction * density`` there.
         lengths: profiling lengths (one dense forward + backward per sample and length).
         eval_length: the longer, unseen length at which the final plan is chosen among the Pareto candidates (one per
             objective weighting of the lengths) by loss under the MoA runtime, on ``eval_data`` (default: the
@@ -393,6 +398,10 @@ def search_moa(
         alphas, betas, sinks: the rule grid (defaults: alpha in ``0..max length`` step ``min(lengths) / 8``, beta in
             ``{0, 1/16, 1/8, 1/4, ..., 1}``, sink ``min(64, min(lengths) // 64)``, at least 1).
         block_size: influence block size (default ``min(64, min(lengths) // 16)``).
+        include_uniform: also validate the densest single grid rule that meets the budget, applied to every head
+            (a safeguard: the first-order influence cost can misrank plans at low density; it needs a selection set
+            large enough to separate the candidates); the metadata's ``search.source`` says whether the final plan
+            came from the MILP or is this uniform rule.
         layers_per_pass: profile this many layers per forward/backward (bounds memory; default all layers).
         influence_cache: a folder; the profile of each length is saved there (``influence_N{n}_bs{bs}.pt``) and reused
             when present, so an interrupted search resumes after the last finished length.
@@ -422,9 +431,15 @@ def search_moa(
     bs = block_size or max(1, min(64, lengths[0] // 16))
     sink_list = list(sinks) if sinks is not None else [max(1, min(64, lengths[0] // 64))]
     da, db = _default_grid(lengths, eval_length)
-    constraint_lengths = lengths + ([eval_length] if eval_length else [])
+    all_lengths = lengths + ([eval_length] if eval_length else [])
+    if density_lengths is None:
+        constraint_lengths = all_lengths
+    else:
+        constraint_lengths = sorted({int(n) for n in density_lengths})
+        if not constraint_lengths or constraint_lengths[0] < 1:
+            raise ValueError(f"search_moa: density_lengths must be positive ints, got {density_lengths!r}")
     rules = candidate_rules(alphas if alphas is not None else da, betas if betas is not None else db, sink_list,
-                            constraint_lengths)
+                            sorted({*all_lengths, *constraint_lengths}))
     logger.info("MoA search: %d candidate rules, lengths %s, eval length %s", len(rules), lengths, eval_length)
 
     influence = {}
@@ -469,7 +484,15 @@ def search_moa(
         if key in seen:
             continue
         seen.add(key)
-        candidates.append({"weights": w, "selection": sel})
+        candidates.append({"weights": w, "selection": sel, "source": "milp"})
+    if include_uniform and eval_length is not None:
+        ok = [c for c in range(len(rules)) if all(float(d[c]) <= density + 1e-12 for d in dens)]
+        if ok:
+            c = max(ok, key=lambda c: min(float(d[c]) for d in dens))
+            choice = [[c] * nkv for _ in range(nl)]
+            if tuple(map(tuple, choice)) not in seen:
+                sel = RuleSelection(choice=choice, objective=float("nan"), densities=[float(d[c]) for d in dens])
+                candidates.append({"weights": None, "selection": sel, "source": "uniform"})
 
     meta_base = {
         "search": {
@@ -479,6 +502,7 @@ def search_moa(
             "block_size": bs,
             "num_rules": len(rules),
             "min_fraction": min_fraction,
+            "density_lengths": constraint_lengths,
         }
     }
     if eval_length is not None and len(candidates) > 1:
@@ -494,11 +518,14 @@ def search_moa(
                            "returning the equally weighted MILP solution without validation")
         best = candidates[0]
     meta = dict(meta_base)
+    meta["search"]["source"] = best["source"]
     meta["search"]["objective_weights"] = best["weights"]
     meta["search"]["densities"] = {str(n): d for n, d in zip(constraint_lengths, best["selection"].densities)}
     if "eval_loss" in best:
         meta["search"]["eval_loss"] = best["eval_loss"]
-        meta["search"]["candidate_eval_losses"] = [c["eval_loss"] for c in candidates]
+        meta["search"]["candidate_eval_losses"] = [
+            {"source": c["source"], "weights": c["weights"], "eval_loss": c["eval_loss"]} for c in candidates
+        ]
     plan = _plan_from_choice(rules, best["selection"].choice, model, meta)
     plan.validate_against(nl, nkv)
     if return_details:
@@ -506,9 +533,13 @@ def search_moa(
     return plan
 
 
-def uniform_plan_like(plan: ElasticWindowPlan, n: int, sink: int | None = None) -> ElasticWindowPlan:
-    """The uniform (StreamingLLM-style) baseline: one fixed window ``alpha`` (``beta = 0``) and ``sink`` (default: the
-    plan's most common sink) for every KV head, with the density at length ``n`` closest to ``plan``'s."""
+def uniform_plan_like(
+    plan: ElasticWindowPlan, n: int, sink: int | None = None, *, elastic: bool = False
+) -> ElasticWindowPlan:
+    """The uniform (StreamingLLM-style) baseline: the same rule for every KV head, with ``sink`` (default: the plan's
+    most common sink) and the density (kept KV-cache fraction) at length ``n`` closest to ``plan``'s: a fixed window
+    ``alpha`` (``beta = 0``), or with ``elastic`` a window proportional to the length (``alpha = 0``,
+    ``beta = window / n``)."""
     if sink is None:
         sink = int(torch.mode(plan.sinks().flatten()).values)
     target = plan.density(n)
@@ -518,9 +549,11 @@ def uniform_plan_like(plan: ElasticWindowPlan, n: int, sink: int | None = None) 
         mid = (lo + hi) // 2
         lo, hi = (mid + 1, hi) if dens(mid) < target else (lo, mid)
     best = min({max(1, lo - 1), lo}, key=lambda w: abs(dens(w) - target))
+    alpha, beta = (0.0, best / n) if elastic else (float(best), 0.0)
     return ElasticWindowPlan.uniform(
-        plan.num_layers, plan.num_kv_heads, float(best), 0.0, sink, model=dict(plan.model),
-        metadata={"baseline": "uniform", "matched_density_at": n, "target_density": target},
+        plan.num_layers, plan.num_kv_heads, alpha, beta, sink, model=dict(plan.model),
+        metadata={"baseline": "uniform elastic" if elastic else "uniform", "matched_density_at": n,
+                  "target_density": target},
     )
 
 
@@ -571,6 +604,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--alphas", type=float, nargs="+", default=None)
     p.add_argument("--betas", type=float, nargs="+", default=None)
     p.add_argument("--min-fraction", type=float, default=0.9)
+    p.add_argument("--density-lengths", type=int, nargs="+", default=None,
+                   help="lengths where the budget applies (default: --lengths and --eval-length)")
+    p.add_argument("--uniform-candidate", action="store_true", help="also validate the densest uniform grid rule")
     p.add_argument("--layers-per-pass", type=int, default=None)
     p.add_argument("--influence-cache", default=None, help="folder to save/reuse per-length profiles (resume)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
@@ -590,6 +626,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     kwargs = dict(
         density=a.density, lengths=a.lengths, eval_length=a.eval_length, num_samples=a.num_samples,
         block_size=a.block_size, sinks=a.sinks, alphas=a.alphas, betas=a.betas, min_fraction=a.min_fraction,
+        density_lengths=a.density_lengths, include_uniform=a.uniform_candidate,
         layers_per_pass=a.layers_per_pass, influence_cache=a.influence_cache, show_progress=not a.no_progress,
     )
     if a.calibration:
