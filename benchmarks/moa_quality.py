@@ -44,8 +44,14 @@ def run(
     n_eval=16,
     model_path=None,
     show_progress=True,
+    budget_at=("all", "eval"),
 ) -> dict:
-    """Search and score every variant; returns ``{"rows": [...], "plans": {...}}``."""
+    """Search and score every variant; returns ``{"rows": [...], "plans": {...}}``.
+
+    ``budget_at``: where the search's density budget holds: ``"all"`` = the profiling lengths and ``eval_length`` (MoA's
+    default, a plan valid at every length), ``"eval"`` = only at ``eval_length``, the one length the uniform window is
+    matched at and every variant is scored at.
+    """
     from effalg.core.eval import evaluate_lm, load_reference_lm
     from effalg.transformers.moa_search import moa_applied, search_moa, uniform_plan_like
 
@@ -85,17 +91,20 @@ def run(
         })
 
     add("dense", None, score())
+    where = {"all": (None, f"budget at {'/'.join(map(str, [*lengths, eval_length]))}"),
+             "eval": ([eval_length], f"budget at {eval_length}")}
     for d in densities:
-        t0 = time.perf_counter()
-        plan = search_moa(model, tok, cal, density=d, lengths=lengths, eval_length=eval_length, eval_data=select,
-                          show_progress=show_progress)
-        secs = time.perf_counter() - t0
-        uni = uniform_plan_like(plan, eval_length)
-        with moa_applied(model, plan):
-            add(f"MoA searched @{d:g}", plan, score(), secs)
-        with moa_applied(model, uni):
-            add(f"uniform window @{d:g} (w={int(uni.windows(eval_length)[0, 0])})", uni, score())
-        plans[str(d)] = {"searched": plan.to_dict(), "uniform": uni.to_dict()}
+        for b in budget_at:
+            t0 = time.perf_counter()
+            plan = search_moa(model, tok, cal, density=d, lengths=lengths, eval_length=eval_length, eval_data=select,
+                              density_lengths=where[b][0], show_progress=show_progress)
+            secs = time.perf_counter() - t0
+            uni = uniform_plan_like(plan, eval_length)  # the same KV density at eval_length as this plan
+            with moa_applied(model, plan):
+                add(f"MoA searched @{d:g}, {where[b][1]}", plan, score(), secs)
+            with moa_applied(model, uni):
+                add(f"  uniform window, same density (w={int(uni.windows(eval_length)[0, 0])})", uni, score())
+            plans[f"{d}/{b}"] = {"searched": plan.to_dict(), "uniform": uni.to_dict()}
     return {"rows": rows, "plans": plans, "eval_length": eval_length, "lengths": list(lengths)}
 
 
@@ -110,10 +119,13 @@ def main() -> None:
     p.add_argument("--model", default=None, help="default: reference_models/tiny-qwen2-mqar")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None)
+    p.add_argument("--budget-at", nargs="+", choices=["all", "eval"], default=["all", "eval"],
+                   help="where the density budget holds: all profiling lengths + eval length (MoA), or eval only")
     a = p.parse_args()
     if a.threads:
         torch.set_num_threads(a.threads)
-    out = run(a.densities, tuple(a.lengths), a.eval_length, a.n_cal, a.n_select, a.n_eval, a.model)
+    out = run(a.densities, tuple(a.lengths), a.eval_length, a.n_cal, a.n_select, a.n_eval, a.model,
+              budget_at=tuple(a.budget_at))
     n = out["eval_length"]
     print(f"\nMoA quality on tiny-qwen2-mqar at {n} tokens (profiled at {out['lengths']}):\n")
     heads = ["variant", f"density (KV kept) @{n}", f"score density @{n}", "KV bytes / (density x dense)", "loss",
