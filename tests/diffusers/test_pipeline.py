@@ -1,7 +1,6 @@
 """Pipeline-level loading forms, save / reload, offline Hub-cache load and loading without the plugin."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -134,20 +133,11 @@ _SCRIPT = textwrap.dedent(
 )
 
 
-def test_offline_hub_cache_load_and_no_plugin_error(saved_pipe, tmp_path):
+def test_offline_hub_cache_load_and_no_plugin_error(saved_pipe, tmp_path, hub_cache):
     """Repo-id load from a filled HF cache with HF_HUB_OFFLINE=1, in a fresh process (only `import effalg.diffusers`)."""
     d, images = saved_pipe
-    cache = tmp_path / "hf_home" / "hub"
-    rev = "0123456789abcdef0123456789abcdef01234567"
-    repo_dir = cache / "models--effalg-test--tiny-pixart-w8a8"
-    shutil.copytree(d, repo_dir / "snapshots" / rev)
-    (repo_dir / "refs").mkdir(parents=True)
-    (repo_dir / "refs" / "main").write_text(rev)
+    env = hub_cache(d, "effalg-test/tiny-pixart-w8a8")
     torch.save(images, tmp_path / "expected.pt")
-    env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
-    env.update(
-        HF_HOME=str(tmp_path / "hf_home"), HF_HUB_CACHE=str(cache), HF_HUB_OFFLINE="1", HF_HUB_DISABLE_TELEMETRY="1"
-    )
     res = subprocess.run(
         [sys.executable, "-c", _SCRIPT, "effalg-test/tiny-pixart-w8a8", str(tmp_path / "expected.pt")],
         env=env,

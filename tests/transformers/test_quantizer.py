@@ -179,13 +179,9 @@ def test_model_card(w8a8_saved):
     assert "import effalg.transformers" in card and "AutoModelForCausalLM.from_pretrained(" in card
 
 
-def test_offline_hub_cache_load(w8a8_saved, tmp_path):
+def test_offline_hub_cache_load(w8a8_saved, tmp_path, hub_cache):
     q, d = w8a8_saved
-    cache = tmp_path / "hub"
-    snap = cache / "models--effalg-test--tiny-llama-w8a8" / "snapshots" / "0123456789abcdef"
-    shutil.copytree(d, snap)
-    (cache / "models--effalg-test--tiny-llama-w8a8" / "refs").mkdir()
-    (cache / "models--effalg-test--tiny-llama-w8a8" / "refs" / "main").write_text("0123456789abcdef")
+    env = hub_cache(d, "effalg-test/tiny-llama-w8a8")
     with torch.no_grad():
         ref = q(IDS).logits
     torch.save(ref, tmp_path / "ref.pt")
@@ -198,7 +194,7 @@ def test_offline_hub_cache_load(w8a8_saved, tmp_path):
             out = m(torch.tensor({IDS.tolist()})).logits
         print("IDENTICAL", torch.equal(out, torch.load({str(tmp_path / "ref.pt")!r})), type(m.hf_quantizer).__name__)
         """,
-        env={"HF_HUB_CACHE": str(cache), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+        env=env,
     )
     assert r.returncode == 0, r.stderr[-2000:]
     assert "IDENTICAL True EffalgHfQuantizer" in r.stdout
