@@ -52,8 +52,9 @@ def run(
     default, a plan valid at every length), ``"eval"`` = only at ``eval_length``, the one length the uniform window is
     matched at and every variant is scored at.
     """
-    from effalg.core.eval import evaluate_lm, load_reference_lm
+    from effalg.core.eval import evaluate_lm
     from effalg.transformers.moa_search import moa_applied, search_moa, uniform_plan_like
+    from effalg.transformers.reference_models import load_reference_lm
 
     torch.manual_seed(0)
     model, tok = load_reference_lm(model_path)

@@ -1,4 +1,5 @@
-"""Run every effalg benchmark in sequence (``bash scripts/dev.sh bench``)."""
+"""Run every effalg benchmark in sequence (``bash scripts/dev.sh bench``, which also installs the peers of
+``requirements-bench.txt``: torchao, optimum-quanto; without them ``w8a8_pixart.py`` skips those rows)."""
 
 import os
 import subprocess

@@ -78,10 +78,10 @@ def main(argv=None) -> int:
 
     import effalg.diffusers
     from effalg.core import memory_footprint, psnr
-    from effalg.core.eval import load_reference_t2i
     from effalg.core.eval import shapes as shape_task
     from effalg.core.eval.t2i import eval_prompts
     from effalg.diffusers import ViDiTQConfig
+    from effalg.diffusers.reference_models import load_reference_t2i
 
     print("loading the trained reference pipeline reference_models/tiny-pixart-shapes ...", flush=True)
     fp_pipe = load_reference_t2i()

@@ -22,10 +22,12 @@ from pathlib import Path
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "packages" / "effalg-core" / "src"))
+for _pkg in ("effalg-kernels", "effalg-core", "effalg-transformers"):
+    sys.path.insert(0, str(REPO / "packages" / _pkg / "src"))
 
 from effalg.core.eval import lm_tasks  # noqa: E402
 from effalg.core.eval.lm import evaluate_lm  # noqa: E402
+from effalg.transformers.reference_models import build_lm_tokenizer  # noqa: E402
 
 
 def build_model(args):
@@ -125,7 +127,7 @@ def main() -> None:
     out_dir = Path(args.out)
     model.eval()
     model.save_pretrained(out_dir, safe_serialization=True)
-    lm_tasks.build_tokenizer().save_pretrained(out_dir)
+    build_lm_tokenizer().save_pretrained(out_dir)
     res = evaluate_lm(model, lengths=tuple(s for s in (128, 256, 512, 1024, 2048)), n_seqs=16, seed=1234)
     metrics = {
         "train": {

@@ -5,10 +5,10 @@ Usage (from the repo root)::
     nice -n 19 .venv/bin/python reference_models/train_t2i.py --out reference_models/tiny-pixart-shapes
 
 Phase 1 trains a tiny AutoencoderKL (32x32x3 <-> 16x16x4); phase 2 freezes it and trains a PixArtTransformer2DModel
-together with a tiny T5EncoderModel (word-level tokenizer built with ``tokenizers``) on its latents with a
-v-prediction DDPM objective and 10% caption dropout (for classifier-free guidance). The saved scheduler is a
-DPMSolverMultistepScheduler with trailing timestep spacing (works from ~4 steps). Fixed seeds, single thread,
-fixed step counts; ``--max-minutes`` is only a safety cap on the whole run.
+together with a tiny T5EncoderModel (word-level tokenizer from ``effalg.transformers.reference_models``) on its
+latents with a v-prediction DDPM objective and 10% caption dropout (for classifier-free guidance). The saved
+scheduler is a DPMSolverMultistepScheduler with trailing timestep spacing (works from ~4 steps). Fixed seeds, single
+thread, fixed step counts; ``--max-minutes`` is only a safety cap on the whole run.
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ import torch
 import torch.nn.functional as F
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "packages" / "effalg-core" / "src"))
+for _pkg in ("effalg-kernels", "effalg-core", "effalg-transformers"):
+    sys.path.insert(0, str(REPO / "packages" / _pkg / "src"))
 
 from effalg.core.eval import shapes  # noqa: E402
+from effalg.transformers.reference_models import build_shapes_tokenizer  # noqa: E402
 
 SCHED_KW = dict(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
 
@@ -153,7 +155,7 @@ def main() -> None:
     print(log["vae"], flush=True)
 
     # ---- phase 2: transformer + text encoder ----
-    tok = shapes.build_tokenizer()
+    tok = build_shapes_tokenizer()
     torch.manual_seed(args.seed + 2)
     te = build_text_encoder(len(tok))
     tr = build_transformer(args)

@@ -322,16 +322,33 @@ def _close_scaled(y: torch.Tensor, ref: torch.Tensor) -> None:
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_triton_prefill_matches_reference(dtype):
     ba = _triton()
-    on_gpu = TRITON_DEVICE == "cuda"
-    D = 16 if on_gpu else 8
-    q, k, v = _qkv(2, 4, 2, 21, D, dtype, seed=20)
-    window, sink, pad = torch.tensor([3, 30]), torch.tensor([2, 1]), torch.tensor([0, 6])
+    # 16-wide tiles (the fp16/bf16 tl.dot floor on GPUs) over 53 tokens: several sink and band tiles per program;
+    # D = 8 is padded to the 16-wide head tile.
+    q, k, v = _qkv(2, 4, 2, 53, 8, dtype, seed=20)
+    window, sink, pad = torch.tensor([3, 30]), torch.tensor([18, 1]), torch.tensor([0, 6])
     ref = moa_prefill_attention_ref(q, k, v, window, sink, pad, 0.3)
-    blk = 16 if on_gpu else 4  # tiny tiles under the interpreter: many sink and band tiles per program
     dev = [t.to(TRITON_DEVICE) for t in (q, k, v, window, sink, pad)]
-    y = ba.triton_moa_prefill_attention(*dev, 0.3, block_m=blk, block_n=blk)
+    y = ba.triton_moa_prefill_attention(*dev, 0.3, block_m=16, block_n=16)
     _close_scaled(y, ref)
     assert torch.equal(y[1, :, :6].cpu(), torch.zeros_like(y[1, :, :6].cpu()))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_triton_prefill_production_blocks(dtype):
+    ba = _triton()
+    q, k, v = _qkv(1, 2, 1, 150, 64, dtype, seed=22)  # the default 64-wide tiles (32 for fp32), ragged L
+    window, sink, pad = torch.tensor([40]), torch.tensor([4]), torch.tensor([0])
+    ref = moa_prefill_attention_ref(q, k, v, window, sink, pad, 0.125)
+    dev = [t.to(TRITON_DEVICE) for t in (q, k, v, window, sink, pad)]
+    _close_scaled(ba.triton_moa_prefill_attention(*dev, 0.125), ref)
+
+
+def test_triton_prefill_rejects_tiles_a_gpu_cannot_compile():
+    ba = _triton()
+    q, k, v = _qkv(1, 2, 1, 20, 16, torch.bfloat16, seed=23)
+    one = torch.tensor([4])
+    with pytest.raises(ValueError, match="block_n=8 must be a power of two >= 16"):
+        ba.triton_moa_prefill_attention(q, k, v, one, one, torch.tensor([0]), 0.25, block_n=8)
 
 
 @pytest.mark.parametrize("dtype", DTYPES)

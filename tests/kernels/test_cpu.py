@@ -14,7 +14,8 @@ SHAPES = [(1, 64, 96), (7, 1152, 96), (64, 1152, 4608), (300, 64, 4608), (33, 72
 
 @pytest.fixture(autouse=True)
 def _onednn_int8_layout(monkeypatch):
-    """Exercise the prepacked-weight layout on every CPU (by default it is used only where AMX makes it fast)."""
+    """Exercise the prepacked-weight layout on every CPU where oneDNN's int8 linear is exact (VNNI or AMX; by default
+    it is used only where AMX makes it fast). On AVX2-only CPUs prepacking is refused and the plain layout runs."""
     monkeypatch.setenv("EFFALG_CPU_ONEDNN_INT8", "1")
 
 
@@ -137,8 +138,18 @@ def test_prepacking_only_where_onednn_int8_is_fast(monkeypatch):
     assert K.prepack_int8_weight(w) is w  # plain layout: torch._int_mm path
     monkeypatch.setenv("EFFALG_CPU_ONEDNN_INT8", "1")
     packed = K.prepack_int8_weight(w)
-    assert packed is not w and torch.equal(K.unpack_int8_weight(packed), w)
+    assert (packed is not w) == cpu.onednn_int8_exact()  # forcing never prepacks where oneDNN int8 saturates
+    assert torch.equal(K.unpack_int8_weight(packed), w)
     monkeypatch.delenv("EFFALG_CPU_ONEDNN_INT8")
     from effalg.kernels.cpu import onednn_int8_available
 
     assert onednn_int8_available() == bool(torch.cpu._is_amx_tile_supported())  # default: only with AMX
+
+
+def test_onednn_int8_is_exact_where_it_is_used():
+    """Full-range int8 weights through the prepacked path equal the exact product (no int16 saturation)."""
+    a = torch.randint(-127, 128, (8, 256), dtype=torch.int8)
+    w = torch.full((16, 256), 127, dtype=torch.int8)
+    w[::2] = -127
+    out = cpu.int8_scaled_mm_cpu(a, torch.ones(8, 1), K.prepack_int8_weight(w), torch.ones(16), None, torch.float32)
+    assert torch.equal(out.double(), a.double() @ w.double().t())

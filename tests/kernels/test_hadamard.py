@@ -213,7 +213,9 @@ DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
         (16, dict(block_m=16, block_n=16, block_k=16)),
         (32, dict(block_m=8, block_n=16, block_k=8)),  # several tiles and K-steps per Hadamard block
         (8, dict(block_m=8, block_n=8, block_k=8)),
+        (4, dict(block_m=8)),  # K tile 4: below the fp32 tl.dot floor, the multiply-reduce path
         (32, {}),
+        (64, {}),  # the production tiles (64 x 64, K step 32)
     ],
 )
 def test_triton_matches_reference(dtype, b, tiles):

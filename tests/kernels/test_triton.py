@@ -30,9 +30,11 @@ if not tk.HAS_TRITON:
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
-# Interpreter: tiny tiles (fast, many tiles per problem). GPU: tl.dot needs tiles of at least 16.
+# Small tiles (many tiles per problem, fast under the interpreter) that still compile for sm_80/sm_90: every launch
+# here is in the AOT manifest (tests/kernels/conftest.py) and compiled by test_triton_aot.py. int8 tl.dot needs
+# K tiles of at least 32, fp16/bf16 16.
 BLK = 16
-SMALL_BK = 16 if ON_GPU else 8
+INT8_BK = 32
 
 TOL = {torch.float32: 1e-5, torch.float16: 2.0**-10, torch.bfloat16: 2.0**-7}
 FLOAT_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -109,7 +111,7 @@ def test_int8_mm_int32_accumulator_exact(M, N, K):
     w = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8).to(DEVICE)
     ones_m = torch.ones(M, 1, device=DEVICE)
     ones_n = torch.ones(N, device=DEVICE)
-    y = tk.triton_int8_scaled_mm(a, ones_m, w, ones_n, None, torch.float32, block_m=BLK, block_n=BLK, block_k=BLK)
+    y = tk.triton_int8_scaled_mm(a, ones_m, w, ones_n, None, torch.float32, block_m=BLK, block_n=BLK, block_k=INT8_BK)
     exact = a.cpu().to(torch.int64) @ w.cpu().to(torch.int64).t()  # |acc| < 2**24: exact in fp32
     assert torch.equal(y.cpu().to(torch.int64), exact)
 
@@ -124,7 +126,7 @@ def test_int8_scaled_mm_matches_reference(out_dtype, with_bias):
     a_scale = (torch.rand(M, 1, generator=g) * 0.05 + 1e-3).to(DEVICE)
     w_scale = (torch.rand(N, generator=g) * 0.01 + 1e-4).to(DEVICE)
     bias = _randn(N, dtype=out_dtype, seed=5) if with_bias else None
-    y = tk.triton_int8_scaled_mm(a, a_scale, w, w_scale, bias, out_dtype, block_m=BLK, block_n=BLK, block_k=BLK)
+    y = tk.triton_int8_scaled_mm(a, a_scale, w, w_scale, bias, out_dtype, block_m=BLK, block_n=BLK, block_k=INT8_BK)
     _close(y, reference.int8_scaled_mm_ref(a, a_scale, w, w_scale, bias, out_dtype))
 
 
@@ -151,7 +153,7 @@ def test_w8a8_linear_matches_reference(dtype, with_bias):
     w = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8).to(DEVICE)
     w_scale = (torch.rand(N, generator=g) * 0.01 + 1e-4).to(DEVICE)
     bias = _randn(N, dtype=dtype, seed=9) if with_bias else None
-    y = tk.triton_w8a8_linear(x, w, w_scale, bias, block_m=BLK, block_n=BLK, block_k=BLK)
+    y = tk.triton_w8a8_linear(x, w, w_scale, bias, block_m=BLK, block_n=BLK, block_k=INT8_BK)
     assert y.shape == (2, 3, N)
     _close(y, reference.w8a8_linear_ref(x, w, w_scale, bias))
 
@@ -164,16 +166,20 @@ def _int4_weight(N: int, K: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]
     return q.to(DEVICE), packing.pack_int4_symmetric(q).to(DEVICE)
 
 
-@pytest.mark.parametrize("group_size", [0, 8, 24])
-def test_w4a8_int32_accumulator_exact(group_size):
+# (K, group_size): per-channel; groups smaller than the 32-wide K tile (8); groups not aligned to it (24, 36: one
+# masked dot per group a tile overlaps); and groups spanning two K tiles (64: exact int32 sums per group).
+W4_GROUPS = [(72, 0), (72, 8), (72, 24), (72, 36), (128, 64)]
+
+
+@pytest.mark.parametrize("K,group_size", W4_GROUPS)
+def test_w4a8_int32_accumulator_exact(K, group_size):
     # Integer activations with amax = 127 quantize with scale exactly 1 (q = x); unit weight scales then make the
-    # output the exact integer product, which checks the in-kernel nibble unpacking and the per-group int32 sums.
-    M, N, K = 5, 33, 72
+    # output the exact integer product, which checks the in-kernel nibble unpacking and the per-group sums.
+    M, N = 5, 33
     xi = torch.randint(-127, 128, (M, K), generator=_gen(10))
     xi[:, 0] = 127
     qw, wp = _int4_weight(N, K, 11)
     G = 1 if group_size == 0 else K // group_size
-    bk = SMALL_BK if group_size else BLK
     y = tk.triton_w4a8_linear(
         xi.float().to(DEVICE),
         wp,
@@ -182,24 +188,23 @@ def test_w4a8_int32_accumulator_exact(group_size):
         None,
         block_m=BLK,
         block_n=BLK,
-        block_k=bk,
+        block_k=INT8_BK,
     )
     exact = xi.to(torch.int64) @ qw.cpu().to(torch.int64).t()
     assert torch.equal(y.cpu().to(torch.int64), exact)
 
 
 @pytest.mark.parametrize("dtype", FLOAT_DTYPES)
-@pytest.mark.parametrize("group_size", [0, 8, 24])
+@pytest.mark.parametrize("K,group_size", W4_GROUPS)
 @pytest.mark.parametrize("with_bias", [False, True])
-def test_w4a8_linear_matches_reference(dtype, group_size, with_bias):
-    M, N, K = 5, 33, 72
+def test_w4a8_linear_matches_reference(dtype, K, group_size, with_bias):
+    M, N = 5, 33
     x = _randn(M, K, dtype=dtype, seed=12)
     _, wp = _int4_weight(N, K, 13)
     G = 1 if group_size == 0 else K // group_size
     w_scale = (torch.rand(N, G, generator=_gen(14)) * 0.02 + 1e-3).to(DEVICE)
     bias = _randn(N, dtype=dtype, seed=15) if with_bias else None
-    bk = SMALL_BK if group_size else BLK
-    y = tk.triton_w4a8_linear(x, wp, w_scale, group_size, bias, block_m=BLK, block_n=BLK, block_k=bk)
+    y = tk.triton_w4a8_linear(x, wp, w_scale, group_size, bias, block_m=BLK, block_n=BLK, block_k=INT8_BK)
     _close(y, reference.w4a8_linear_ref(x, wp, w_scale, group_size, bias))
 
 
@@ -214,11 +219,15 @@ def test_w4a8_linear_odd_k_and_default_blocks():
     _close(y, reference.w4a8_linear_ref(x, wp, w_scale, 0, None))
 
 
-def test_w4a8_rejects_block_k_not_dividing_group():
+@pytest.mark.parametrize("block_k", [16, 48])
+def test_int8_gemms_reject_k_tiles_a_gpu_cannot_compile(block_k):
     x = _randn(2, 48, seed=19)
     _, wp = _int4_weight(4, 48, 20)
-    with pytest.raises(ValueError, match="block_k"):
-        tk.triton_w4a8_linear(x, wp, torch.ones(4, 2, device=DEVICE), 24, None, block_k=16)
+    with pytest.raises(ValueError, match=r"w4a8_linear: block_k=\d+ must be a power of two >= 32"):
+        tk.triton_w4a8_linear(x, wp, torch.ones(4, 2, device=DEVICE), 24, None, block_k=block_k)
+    a = torch.zeros(2, 48, dtype=torch.int8, device=DEVICE)
+    with pytest.raises(ValueError, match=r"int8_scaled_mm: block_k=\d+ must be a power of two >= 32"):
+        tk.triton_int8_scaled_mm(a, torch.ones(2, 1), a, torch.ones(2), None, torch.float32, block_k=block_k)
 
 
 # --------------------------------------------------------------------------------------------- weight_only_linear
@@ -233,9 +242,9 @@ def _wo_weight(N: int, K: int, bits: int, group_size: int, seed: int):
     return u.to(DEVICE), packing.pack_bits(u, bits).to(DEVICE), scale.to(DEVICE), zero.to(DEVICE)
 
 
-@pytest.mark.parametrize("bits", [3, 4, 8])
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("use_gemv", [True, False])
-@pytest.mark.parametrize("group_size", [0, 24])
+@pytest.mark.parametrize("group_size", [0, 8, 24])
 def test_weight_only_codes_exact(bits, use_gemv, group_size):
     # Integer x, unit scale, integer zero: the output is an exact integer in fp32 (checks the code extraction).
     M, N, K = 5, 33, 72
@@ -243,7 +252,6 @@ def test_weight_only_codes_exact(bits, use_gemv, group_size):
     G = 1 if group_size == 0 else K // group_size
     zero = torch.randint(0, 2**bits, (N, G), generator=_gen(22)).float().to(DEVICE)
     xi = torch.randint(-3, 4, (M, K), generator=_gen(23))
-    bk = SMALL_BK if group_size else BLK
     y = tk.triton_weight_only_linear(
         xi.float().to(DEVICE),
         wp,
@@ -255,7 +263,7 @@ def test_weight_only_codes_exact(bits, use_gemv, group_size):
         use_gemv=use_gemv,
         block_m=BLK,
         block_n=BLK,
-        block_k=bk,
+        block_k=BLK,
     )
     gs = K if group_size == 0 else group_size
     W = u.cpu().to(torch.int64) - zero.cpu().to(torch.int64).repeat_interleave(gs, dim=1)
@@ -271,9 +279,8 @@ def test_weight_only_linear_matches_reference(bits, dtype, use_gemv, group_size,
     _, wp, scale, zero = _wo_weight(N, K, bits, group_size, 24 + bits)
     x = _randn(M, K, dtype=dtype, seed=30)
     bias = _randn(N, dtype=dtype, seed=31) if with_bias else None
-    bk = SMALL_BK if group_size else BLK
     y = tk.triton_weight_only_linear(
-        x, wp, scale, zero, bits, group_size, bias, use_gemv=use_gemv, block_m=BLK, block_n=BLK, block_k=bk
+        x, wp, scale, zero, bits, group_size, bias, use_gemv=use_gemv, block_m=BLK, block_n=BLK, block_k=BLK
     )
     _close(y, reference.weight_only_linear_ref(x, wp, scale, zero, bits, group_size, bias))
 
@@ -290,14 +297,57 @@ def test_weight_only_ragged_k_default_blocks(bits):
         _close(y, reference.weight_only_linear_ref(x, wp, scale, zero, bits, 0, None))
 
 
-def test_weight_only_gemv_any_group_size_and_bf16_scales():
-    # group_size 6: no power-of-two K tile >= 2 divides it evenly into tl.dot tiles; the GEMV path handles it.
+@pytest.mark.parametrize("use_gemv", [True, False])
+def test_weight_only_any_group_size_and_bf16_scales(use_gemv):
+    # group_size 6: no power-of-two K tile divides it; the GEMV reduces per element, the GEMM masks per group.
     M, N, K = 2, 10, 36
     _, wp, scale, zero = _wo_weight(N, K, 4, 6, 60)
     x = _randn(1, M, K, dtype=torch.bfloat16, seed=61)
-    y = tk.triton_weight_only_linear(x, wp, scale.bfloat16(), zero.bfloat16(), 4, 6, None, block_n=BLK, block_k=BLK)
+    y = tk.triton_weight_only_linear(
+        x, wp, scale.bfloat16(), zero.bfloat16(), 4, 6, None, use_gemv=use_gemv, block_n=BLK, block_k=BLK
+    )
     assert y.shape == (1, M, N)
     _close(y, reference.weight_only_linear_ref(x, wp, scale.bfloat16(), zero.bfloat16(), 4, 6, None))
+
+
+def test_weight_only_gemm_rejects_k_tiles_a_gpu_cannot_compile():
+    x = _randn(8, 32, dtype=torch.bfloat16, seed=62)
+    _, wp, scale, zero = _wo_weight(4, 32, 4, 0, 63)
+    with pytest.raises(ValueError, match=r"weight_only_linear: block_k=8 must be a power of two >= 16"):
+        tk.triton_weight_only_linear(x, wp, scale, zero, 4, 0, None, use_gemv=False, block_k=8)
+
+
+# ------------------------------------------------------------------ production block configurations (interpreter)
+
+# One (M, N) per configuration gemm_blocks can choose: M <= 16, M <= 64, M <= 256, and large M with N > 1024.
+PRODUCTION_MN = [(16, 72), (64, 72), (256, 72), (264, 1040)]
+
+
+@pytest.mark.parametrize("M,N", PRODUCTION_MN)
+def test_gemms_run_their_production_block_configuration(M, N):
+    """The launchers' default tiles (what a GPU runs) give the reference result, under the interpreter too."""
+    K = 256  # several K steps of the 64- and 128-wide tiles; group 128 spans whole tiles
+    x = _randn(M, K, seed=80)
+    g = _gen(81)
+    w8 = torch.randint(-127, 128, (N, K), generator=g, dtype=torch.int8).to(DEVICE)
+    ws = (torch.rand(N, generator=g) * 0.01 + 1e-4).to(DEVICE)
+    _close(tk.triton_w8a8_linear(x, w8, ws, None), reference.w8a8_linear_ref(x, w8, ws, None))
+    _, wp4 = _int4_weight(N, K, 82)
+    for gs in (0, 128):
+        ws4 = (torch.rand(N, 1 if gs == 0 else K // gs, generator=g) * 0.02 + 1e-3).to(DEVICE)
+        _close(tk.triton_w4a8_linear(x, wp4, ws4, gs, None), reference.w4a8_linear_ref(x, wp4, ws4, gs, None))
+    _, wp, scale, zero = _wo_weight(N, K, 4, 128, 83)
+    _close(
+        tk.triton_weight_only_linear(x, wp, scale, zero, 4, 128, None),
+        reference.weight_only_linear_ref(x, wp, scale, zero, 4, 128, None),
+    )
+
+
+def test_quantize_runs_its_production_configuration():
+    x = _randn(3, 1152, seed=84)
+    q, s = tk.triton_quantize_per_token(x, 0)
+    qr, sr = reference.quantize_per_token_ref(x, 0)
+    assert torch.equal(q, qr) and torch.equal(s, sr)
 
 
 # --------------------------------------------------------------------------------------- registration / op contract

@@ -29,10 +29,9 @@ def _threads():
 
 @pytest.mark.skipif(not _have(LM_NAME), reason="reference LM not trained")
 def test_lm_scores_and_3bit_damage():
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from effalg.transformers.reference_models import load_reference_lm
 
-    model = AutoModelForCausalLM.from_pretrained(ROOT / LM_NAME).eval()
-    tok = AutoTokenizer.from_pretrained(ROOT / LM_NAME)
+    model, tok = load_reference_lm(ROOT / LM_NAME)
     assert model.config.num_key_value_heads < model.config.num_attention_heads  # GQA
     kw = dict(lengths=(256, 1024), n_seqs=8, seed=7)
     fp = evaluate_lm(model, tok, **kw)
@@ -50,10 +49,9 @@ def test_lm_scores_and_3bit_damage():
 
 @pytest.mark.skipif(not _have(T2I_NAME), reason="reference pipeline not trained")
 def test_t2i_scores_and_3bit_damage():
-    from diffusers import PixArtAlphaPipeline
+    from effalg.diffusers.reference_models import load_reference_t2i
 
-    pipe = PixArtAlphaPipeline.from_pretrained(ROOT / T2I_NAME)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_reference_t2i(ROOT / T2I_NAME)
     kw = dict(n_prompts=24, num_inference_steps=8, seed=0, n_real=256)
     fp = evaluate_t2i(pipe, **kw)
     fake_quantize_weights(pipe.transformer, bits=3)

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import tempfile
-
+import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
@@ -11,16 +10,7 @@ import effalg.transformers  # noqa: F401  (registers effalg_linear)
 from effalg.core.modules import W4A8Linear, W8A8Linear, WeightOnlyLinear
 from effalg.core.testing.conformance import QuantizationConformanceMixin
 from effalg.transformers import EffalgLinearConfig
-from effalg.transformers.testing import VISION_SKIP_PATTERNS, tiny_llama, tiny_llava, tiny_qwen2, tiny_qwen2_vl
-
-_PATHS: dict[str, str] = {}
-
-
-def _ckpt(kind: str) -> str:
-    if kind not in _PATHS:
-        fn = {"llama": tiny_llama, "qwen2": tiny_qwen2, "llava": tiny_llava, "qwen2_vl": tiny_qwen2_vl}[kind]
-        _PATHS[kind] = fn(tempfile.mkdtemp(prefix=f"effalg-conf-{kind}-"))[0]
-    return _PATHS[kind]
+from effalg.transformers.testing import VISION_SKIP_PATTERNS, tiny_llama
 
 
 class _TextBase(QuantizationConformanceMixin):
@@ -28,16 +18,21 @@ class _TextBase(QuantizationConformanceMixin):
     auto_cls = AutoModelForCausalLM
     config_kwargs: dict = {}
     compile_atol = 1e-4
+    checkpoint: str  # set per class from the session's tiny_<kind>_ckpt fixture (tests/transformers/conftest.py)
+
+    @pytest.fixture(autouse=True, scope="class")
+    def _checkpoint(self, request):
+        request.cls.checkpoint = request.getfixturevalue(f"tiny_{request.cls.kind}_ckpt")[0]
 
     def make_config(self):
         skip = VISION_SKIP_PATTERNS.get(self.kind)
         return EffalgLinearConfig(**self.config_kwargs, modules_to_not_convert=skip)
 
     def make_reference(self):
-        return self.auto_cls.from_pretrained(_ckpt(self.kind)).eval()
+        return self.auto_cls.from_pretrained(self.checkpoint).eval()
 
     def make_compressed(self):
-        return self.auto_cls.from_pretrained(_ckpt(self.kind), quantization_config=self.make_config()).eval()
+        return self.auto_cls.from_pretrained(self.checkpoint, quantization_config=self.make_config()).eval()
 
     def inputs(self) -> dict:
         g = torch.Generator().manual_seed(0)
@@ -138,9 +133,9 @@ class TestQwen2VLW8A8(_TextBase):
         assert all(not isinstance(m, W8A8Linear) for n, m in mods.items() if n.startswith("model.visual"))
 
 
-def test_w8a8_with_outlier_channels_bounded():
+def test_w8a8_with_outlier_channels_bounded(tmp_path):
     """The factory's outlier option produces a measurable but bounded W8A8 logit error."""
-    path, fp = tiny_llama(tempfile.mkdtemp(), outlier_channels=4)
+    path, fp = tiny_llama(tmp_path / "llama_outliers", outlier_channels=4)
     q = AutoModelForCausalLM.from_pretrained(path, quantization_config=EffalgLinearConfig())
     ids = torch.randint(0, 200, (1, 8), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():

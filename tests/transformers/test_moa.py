@@ -57,8 +57,11 @@ def _reference_model(model, plan, pad, n):
 
 
 @pytest.fixture(scope="module")
-def models():
-    return {"llama": tiny_llama()[1].float(), "qwen2": tiny_qwen2()[1].float()}
+def models(tmp_path_factory):
+    return {
+        "llama": tiny_llama(tmp_path_factory.mktemp("moa_llama"))[1].float(),
+        "qwen2": tiny_qwen2(tmp_path_factory.mktemp("moa_qwen2"))[1].float(),
+    }
 
 
 def _inputs(B=2, L=10, pads=(3, 0), seed=0):

@@ -159,7 +159,8 @@ def test_searched_beats_uniform_on_reference_lm(density, density_lengths):
     density (kept KV-cache fraction at 1024), the issue's quality criterion (benchmarks/moa_quality.py): at 50% with
     MoA's budget at every length (0.831 vs 0.846), at 25% with the budget at the scored length (0.962 vs 0.973; with
     the budget also at 256/512 the searched plan loses there, 1.010 vs 0.978, as the benchmark reports)."""
-    from effalg.core.eval import evaluate_lm, lm_tasks, load_reference_lm
+    from effalg.core.eval import evaluate_lm, lm_tasks
+    from effalg.transformers.reference_models import load_reference_lm
 
     try:
         model, tok = load_reference_lm()

@@ -39,12 +39,6 @@ def test_lm_batch_structure_and_determinism():
         assert lm_tasks.DIGIT0 <= ids[t] < lm_tasks.DIGIT0 + 10
 
 
-def test_lm_tokenizer_matches_vocab():
-    tok = lm_tasks.build_tokenizer()
-    assert tok.convert_tokens_to_ids(lm_tasks.VOCAB) == list(range(len(lm_tasks.VOCAB)))
-    assert tok("def k3 v7").input_ids == [lm_tasks.DEF, lm_tasks.KEY0 + 3, lm_tasks.VALUE0 + 7]
-
-
 def test_checker_reads_rendered_shapes_exactly():
     gen = torch.Generator().manual_seed(0)
     imgs, caps, labels = shapes.sample_batch(120, gen)

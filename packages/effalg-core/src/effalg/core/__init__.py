@@ -49,6 +49,8 @@ _EXPORTS = {
     # allocation
     "Allocation": "allocation",
     "allocate_bits": "allocation",
+    "allocate_bits_by_group": "allocation",
+    "normalize_costs_by_group": "allocation",
     # plans
     "Plan": "plans",
     "BitPlan": "plans",

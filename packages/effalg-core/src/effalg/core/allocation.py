@@ -3,7 +3,8 @@
 Variables ``x[l, b]`` in {0, 1}: layer ``l`` gets ``b`` bits. Exactly one choice per layer; the budget is
 ``sum_l size_l * bits_l <= avg_bits * sum_l size_l`` and/or ``sum_l size_l * bits_l / 8 <= max_bytes``; the objective
 minimizes ``sum cost[l][b]`` (turn a sensitivity you want to *maximize*, e.g. SQNR/SSIM, into a cost first, e.g.
-``max_s - s``). MixDQ solves the same problem per layer group (content / quality).
+``max_s - s``). MixDQ solves the same problem per layer group (content / quality): :func:`allocate_bits_by_group`;
+:func:`normalize_costs_by_group` puts sensitivities measured under different metrics on one scale (ViDiT-Q).
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
-__all__ = ["Allocation", "allocate_bits"]
+__all__ = ["Allocation", "allocate_bits", "allocate_bits_by_group", "normalize_costs_by_group"]
 
 logger = logging.getLogger(__name__)
 
@@ -176,4 +177,79 @@ def allocate_bits(
         avg_bits=total_bits / total_size,
         total_bits=total_bits,
         extras={"solver_status": int(res.status), "solver_message": str(res.message)},
+    )
+
+
+def normalize_costs_by_group(
+    sensitivity: Mapping[str, Mapping[int, float]], groups: Mapping[str, str]
+) -> tuple[dict[str, dict[int, float]], dict[str, float]]:
+    """Costs on one scale from errors measured under per-group metrics; returns ``(costs, {group: scale})``.
+
+    Each layer's errors are divided by its group's ``scale``: the group's mean error at the lowest bit width all its
+    layers share (so that mean becomes 1; a scale <= 0 gives costs 0). Costs are clamped to >= 0 and a non-finite one
+    becomes ``1e6``. ``costs`` lists the groups in sorted order, each group's layers in ``sensitivity`` order.
+    """
+    missing = [n for n in sensitivity if n not in groups]
+    if missing:
+        raise ValueError(f"normalize_costs_by_group: groups is missing layer(s) {missing[:10]}")
+    costs: dict[str, dict[int, float]] = {}
+    norms: dict[str, float] = {}
+    for g in sorted({groups[n] for n in sensitivity}):
+        members = [n for n in sensitivity if groups[n] == g]
+        common = set.intersection(*(set(sensitivity[n]) for n in members))
+        if not common:
+            raise ValueError(f"normalize_costs_by_group: the layers of group {g!r} share no bit width")
+        low = min(common)
+        scale = sum(sensitivity[n][low] for n in members) / len(members)
+        norms[g] = scale
+        for n in members:
+            row = {b: (v / scale if scale > 0 else 0.0) for b, v in sensitivity[n].items()}
+            costs[n] = {b: max(0.0, v if math.isfinite(v) else 1e6) for b, v in row.items()}
+    return costs, norms
+
+
+def allocate_bits_by_group(
+    costs: Mapping[str, Mapping[int, float]],
+    sizes: Mapping[str, int],
+    groups: Mapping[str, str],
+    avg_bits: float | Mapping[str, float],
+    *,
+    time_limit: float | None = None,
+) -> Allocation:
+    """One :func:`allocate_bits` MILP per layer group, each under its own average-bit budget (MixDQ).
+
+    ``avg_bits`` is ``{group: budget}`` (every group of ``costs`` needs one) or one number for all groups. The merged
+    :class:`Allocation` has the summed cost and bits; ``extras["groups"]`` holds each group's :class:`Allocation`.
+    """
+    missing = [n for n in costs if n not in groups]
+    if missing:
+        raise ValueError(f"allocate_bits_by_group: groups is missing layer(s) {missing[:10]}")
+    names = sorted({groups[n] for n in costs})
+    if isinstance(avg_bits, Mapping):
+        lacking = [g for g in names if g not in avg_bits]
+        if lacking:
+            raise ValueError(f"allocate_bits_by_group: avg_bits has no budget for group(s) {lacking}")
+        budgets = {g: avg_bits[g] for g in names}
+    else:
+        budgets = dict.fromkeys(names, avg_bits)
+    per_group: dict[str, Allocation] = {}
+    for g in names:
+        members = [n for n in costs if groups[n] == g]
+        try:
+            per_group[g] = allocate_bits(
+                {n: costs[n] for n in members},
+                {n: sizes[n] for n in members if n in sizes},
+                avg_bits=budgets[g],
+                time_limit=time_limit,
+            )
+        except ValueError as e:
+            raise ValueError(f"allocate_bits_by_group: group {g!r}: {e}") from None
+    bits = {n: per_group[groups[n]].bits[n] for n in costs}
+    total_bits = sum(a.total_bits for a in per_group.values())
+    return Allocation(
+        bits=bits,
+        total_cost=sum(a.total_cost for a in per_group.values()),
+        avg_bits=total_bits / sum(sizes[n] for n in costs),
+        total_bits=total_bits,
+        extras={"groups": per_group},
     )

@@ -25,6 +25,7 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "prepack_int8_weight",
     "onednn_int8_available",
+    "onednn_int8_exact",
     "configure_allocator",
     "register",
     "hadamard_matrix",
@@ -37,14 +38,23 @@ def onednn_int8_available() -> bool:
 
     Only with AMX: on an AVX-512-VNNI CPU without AMX (AMD EPYC, torch 2.13) oneDNN's prepacked int8 linear with
     per-channel weight scales and bf16 output measured 89 s for a 2048x1152x4608 GEMM, against 27 ms for
-    ``torch._int_mm`` on the plain layout. ``EFFALG_CPU_ONEDNN_INT8=1`` / ``0`` forces it on / off.
+    ``torch._int_mm`` on the plain layout. ``EFFALG_CPU_ONEDNN_INT8=1`` / ``0`` forces it on / off, except that it is
+    never used without VNNI: on an AVX2-only CPU oneDNN's int8 linear multiplies through ``vpmaddubsw``, whose int16
+    pair sums saturate for full-range int8 weights (20% relative error measured with |w| up to 127).
     """
     if not (torch.backends.mkldnn.is_available() and hasattr(torch.ops.onednn, "qlinear_pointwise")):
+        return False
+    if not onednn_int8_exact():
         return False
     forced = os.environ.get("EFFALG_CPU_ONEDNN_INT8")
     if forced is not None:
         return forced.strip() not in ("", "0")
     return bool(torch.cpu._is_amx_tile_supported())
+
+
+def onednn_int8_exact() -> bool:
+    """Whether oneDNN's int8 linear accumulates exactly on this CPU (VNNI or AMX; not plain AVX2)."""
+    return bool(torch.cpu._is_vnni_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def prepack_int8_weight(w: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,8 @@
-"""Tiny transformers models with seeded random weights, saved with ``save_pretrained`` (for tests and demos)."""
+"""Tiny transformers models with seeded random weights, saved with ``save_pretrained`` (for tests and demos).
+
+Each factory takes the directory to save into as its first (required) argument, e.g. pytest's ``tmp_path``; no
+factory creates temporary directories of its own.
+"""
 
 from __future__ import annotations
 
@@ -49,22 +53,20 @@ def inject_outlier_channels(model: nn.Module, k: int, scale: float = 20.0, seed:
     return idx.tolist()
 
 
-def _finish(model: nn.Module, path: str | os.PathLike | None, outlier_channels: int) -> tuple[str, nn.Module]:
+def _finish(model: nn.Module, path: str | os.PathLike, outlier_channels: int) -> tuple[str, nn.Module]:
+    if path is None:
+        raise TypeError("tiny model factories need a directory to save into (e.g. pytest's tmp_path), got None")
     inject_outlier_channels(model, outlier_channels)
     model.eval()
-    if path is None:
-        import tempfile
-
-        path = tempfile.mkdtemp(prefix=f"effalg-tiny-{type(model).__name__.lower()}-")
-    model.save_pretrained(str(path))
-    return str(path), model
+    model.save_pretrained(os.fspath(path))
+    return os.fspath(path), model
 
 
 def _seeded(seed: int):
     torch.manual_seed(seed)
 
 
-def tiny_llama(path: str | None = None, *, seed: int = 0, outlier_channels: int = 0, **overrides: Any):
+def tiny_llama(path: str | os.PathLike, *, seed: int = 0, outlier_channels: int = 0, **overrides: Any):
     """Tiny ``LlamaForCausalLM`` (hidden 64, 2 layers, 4 heads); returns ``(path, model)``."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -73,7 +75,7 @@ def tiny_llama(path: str | None = None, *, seed: int = 0, outlier_channels: int 
     return _finish(LlamaForCausalLM(cfg), path, outlier_channels)
 
 
-def tiny_qwen2(path: str | None = None, *, seed: int = 0, outlier_channels: int = 0, **overrides: Any):
+def tiny_qwen2(path: str | os.PathLike, *, seed: int = 0, outlier_channels: int = 0, **overrides: Any):
     """Tiny ``Qwen2ForCausalLM`` with grouped-query attention (4 query heads, 2 KV heads); returns ``(path, model)``."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
@@ -82,7 +84,7 @@ def tiny_qwen2(path: str | None = None, *, seed: int = 0, outlier_channels: int 
     return _finish(Qwen2ForCausalLM(cfg), path, outlier_channels)
 
 
-def tiny_llava(path: str | None = None, *, seed: int = 0, outlier_channels: int = 0):
+def tiny_llava(path: str | os.PathLike, *, seed: int = 0, outlier_channels: int = 0):
     """Tiny ``LlavaForConditionalGeneration`` (CLIP vision 32x32 px, 16 image tokens, id 255); ``(path, model)``."""
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
@@ -101,7 +103,7 @@ def tiny_llava(path: str | None = None, *, seed: int = 0, outlier_channels: int 
     return _finish(LlavaForConditionalGeneration(cfg), path, outlier_channels)
 
 
-def tiny_qwen2_vl(path: str | None = None, *, seed: int = 0, outlier_channels: int = 0):
+def tiny_qwen2_vl(path: str | os.PathLike, *, seed: int = 0, outlier_channels: int = 0):
     """Tiny ``Qwen2VLForConditionalGeneration`` (loads with ``AutoModelForImageTextToText``); ``(path, model)``."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
 

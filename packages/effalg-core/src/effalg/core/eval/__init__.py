@@ -1,6 +1,9 @@
 """Task-level evaluation of (compressed) reference models: the shapes text-to-image pipeline and the MQAR LM.
 
-Importing this package is cheap: torch only; diffusers/transformers/scipy are imported inside the functions.
+Importing this package is cheap: torch only; scipy is imported inside the functions. Nothing here imports diffusers
+or transformers: the model loaders and tokenizers live in the plugins, :mod:`effalg.diffusers.reference_models`
+(``load_reference_t2i``) and :mod:`effalg.transformers.reference_models` (``load_reference_lm``,
+``build_lm_tokenizer``, ``build_shapes_tokenizer``).
 """
 
 from __future__ import annotations
@@ -12,10 +15,14 @@ _EXPORTS = {
     "evaluate_lm": "lm",
     "evaluate_t2i": "t2i",
     "format_table": "report",
-    "load_reference_lm": "reference",
-    "load_reference_t2i": "reference",
     "reference_models_dir": "reference",
     "fake_quantize_weights": "reference",
+}
+
+#: Names that moved to the plugins (effalg.core never imports diffusers or transformers).
+_MOVED = {
+    "load_reference_lm": "effalg.transformers.reference_models",
+    "load_reference_t2i": "effalg.diffusers.reference_models",
 }
 
 __all__ = sorted(_EXPORTS)
@@ -25,4 +32,6 @@ def __getattr__(name: str) -> Any:
     if name in _EXPORTS:
         mod = importlib.import_module(f"effalg.core.eval.{_EXPORTS[name]}")
         return getattr(mod, name)
+    if name in _MOVED:
+        raise AttributeError(f"effalg.core.eval.{name} moved: use `from {_MOVED[name]} import {name}`")
     raise AttributeError(name)

@@ -7,6 +7,8 @@ look-up across up to ``length`` tokens; each reversed digit needs only the previ
 kinds of position are supervised (labels elsewhere are ``-100``).
 
 Pure torch; the same generator is used by ``reference_models/train_lm.py`` and by :func:`effalg.core.eval.evaluate_lm`.
+The word-level tokenizer over :data:`VOCAB` (a transformers object) is built by
+:func:`effalg.transformers.reference_models.build_lm_tokenizer`.
 """
 
 from __future__ import annotations
@@ -104,15 +106,3 @@ def make_batch(batch_size: int, length: int, seed: int | None = None, gen: torch
         kinds=torch.tensor([r[2] for r in rows], dtype=torch.uint8),
         distance=torch.tensor([r[3] for r in rows], dtype=torch.long),
     )
-
-
-def build_tokenizer():
-    """A word-level ``PreTrainedTokenizerFast`` over :data:`VOCAB` (whitespace-separated tokens)."""
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.pre_tokenizers import WhitespaceSplit
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(WordLevel(vocab=dict(TOKEN_TO_ID), unk_token="<pad>"))
-    tok.pre_tokenizer = WhitespaceSplit()
-    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<bos>", unk_token="<pad>")

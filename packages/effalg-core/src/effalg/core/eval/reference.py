@@ -1,10 +1,13 @@
-"""Loading the repo's trained reference models, and a naive weight fake-quantizer for damage tests."""
+"""Where the repo's trained reference models live, and a naive weight fake-quantizer for damage tests.
+
+Framework-free: the loaders are in the plugins (``effalg.diffusers.reference_models.load_reference_t2i``,
+``effalg.transformers.reference_models.load_reference_lm``); effalg.core never imports diffusers or transformers.
+"""
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
 
 import torch
 
@@ -23,33 +26,6 @@ def reference_models_dir() -> Path:
             if (cand / T2I_NAME).is_dir() or (cand / LM_NAME).is_dir():
                 return cand
     raise FileNotFoundError("reference_models/ not found; set EFFALG_REFERENCE_MODELS")
-
-
-def load_reference_t2i(
-    path: str | os.PathLike | None = None, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32
-) -> Any:
-    """The trained shapes ``PixArtAlphaPipeline`` (32x32 images).
-
-    Call it with ``use_resolution_binning=False`` (its sample size is not one of PixArt's binned ones), e.g.
-    ``pipe("a red circle on a blue background", num_inference_steps=20, guidance_scale=3.0,
-    use_resolution_binning=False).images[0]``.
-    """
-    from diffusers import PixArtAlphaPipeline
-
-    pipe = PixArtAlphaPipeline.from_pretrained(path or reference_models_dir() / T2I_NAME)
-    pipe.set_progress_bar_config(disable=True)
-    if dtype != torch.float32:
-        pipe = pipe.to(dtype=dtype)
-    return pipe.to(device)
-
-
-def load_reference_lm(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> tuple[Any, Any]:
-    """``(Qwen2ForCausalLM, tokenizer)`` trained on the MQAR + digit-reversal task."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    p = path or reference_models_dir() / LM_NAME
-    model = AutoModelForCausalLM.from_pretrained(p).to(device).eval()
-    return model, AutoTokenizer.from_pretrained(p)
 
 
 @torch.no_grad()

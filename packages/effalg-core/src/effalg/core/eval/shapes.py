@@ -5,6 +5,8 @@ one palette colour on a flat background of another palette colour, with random s
 reads an image back: background colour from the border pixels, foreground colour and mask from the pixels far from
 the background (half-way edge), shape from the fill ratio of the mask inside its bounding box (square ~1, circle ~0.79,
 triangle ~0.5). Its features also drive a Fréchet distance against real samples. Pure torch (+ scipy for sqrtm).
+The captions' word-level tokenizer (a transformers object) is built by
+:func:`effalg.transformers.reference_models.build_shapes_tokenizer`.
 """
 
 from __future__ import annotations
@@ -156,24 +158,3 @@ def real_features(n: int = 512, seed: int = 4321) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     imgs, _, _ = sample_batch(n, gen)
     return torch.stack([check_image(im).features for im in imgs])
-
-
-def build_tokenizer():
-    """Word-level ``PreTrainedTokenizerFast`` over :data:`WORDS`; appends ``</s>`` like T5's tokenizer."""
-    from tokenizers import Tokenizer
-    from tokenizers.models import WordLevel
-    from tokenizers.normalizers import Lowercase
-    from tokenizers.pre_tokenizers import WhitespaceSplit
-    from tokenizers.processors import TemplateProcessing
-    from transformers import PreTrainedTokenizerFast
-
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2}
-    for wd in WORDS:
-        vocab[wd] = len(vocab)
-    tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.normalizer = Lowercase()
-    tok.pre_tokenizer = WhitespaceSplit()
-    tok.post_processor = TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>", model_max_length=120
-    )

@@ -30,11 +30,10 @@ else:
     HAS_TRITON = True
 
 if HAS_TRITON:
-    from ._common import MIN_DOT_K
     from .hadamard import triton_smooth_hadamard
     from .int8_mm import triton_int8_scaled_mm, triton_w8a8_linear
     from .quantize import triton_quantize_per_token
-    from .w4a8 import triton_w4a8_linear, w4a8_block_k
+    from .w4a8 import triton_w4a8_linear
     from .weight_only import triton_weight_only_linear
 
     __all__ += [
@@ -75,11 +74,6 @@ def _cuda_w8a8_linear(
 def _cuda_w4a8_linear(
     x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, group_size: int, bias: Optional[torch.Tensor]
 ) -> torch.Tensor:
-    if group_size != 0 and w4a8_block_k(x.shape[-1], group_size) < MIN_DOT_K:
-        # No K tile >= 16 divides the group: tl.dot cannot run such a tile on a GPU; use the reference.
-        from ..reference import w4a8_linear_ref
-
-        return w4a8_linear_ref(x, w, w_scale, group_size, bias)
     return triton_w4a8_linear(x, w, w_scale, group_size, bias)
 
 
@@ -92,20 +86,12 @@ def _cuda_weight_only_linear(
     group_size: int,
     bias: Optional[torch.Tensor],
 ) -> torch.Tensor:
-    if bits not in (2, 3, 4, 8):
-        from ..reference import weight_only_linear_ref
-
-        return weight_only_linear_ref(x, w, scale, zero, bits, group_size, bias)
     return triton_weight_only_linear(x, w, scale, zero, bits, group_size, bias)
 
 
 def _cuda_smooth_hadamard(
     x: torch.Tensor, smooth: Optional[torch.Tensor], signs: Optional[torch.Tensor], block_size: int
 ) -> torch.Tensor:
-    if 0 < block_size < MIN_DOT_K:  # tl.dot needs tiles of at least 16 on a GPU; tiny blocks use the reference
-        from ..reference import smooth_hadamard_ref
-
-        return smooth_hadamard_ref(x, smooth, signs, block_size)
     return triton_smooth_hadamard(x, smooth, signs, block_size)
 
 

@@ -17,7 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import MIN_DOT_K
+from ._common import check_dot_k, min_dot_k
+from .launch import launch, on_gpu
 
 __all__ = ["triton_moa_prefill_attention", "triton_moa_decode_attention", "register"]
 
@@ -106,7 +107,7 @@ def _dot_config(x: torch.Tensor):
 
     if x.dtype == torch.float32:
         return tl.float32, "ieee"
-    if not x.is_cuda and x.dtype == torch.bfloat16:  # the interpreter's bf16 tl.dot is wrong
+    if not on_gpu(x) and x.dtype == torch.bfloat16:  # the interpreter's bf16 tl.dot is wrong
         return tl.float32, "ieee"
     return tl_dtype(x.dtype), "tf32"
 
@@ -133,14 +134,18 @@ def triton_moa_prefill_attention(
     window = window.to(device=q.device, dtype=torch.int64).contiguous()
     sink = sink.to(device=q.device, dtype=torch.int64).contiguous()
     pad = pad.to(device=q.device, dtype=torch.int64).contiguous()
-    block_d = max(MIN_DOT_K, triton.next_power_of_2(D))
+    block_d = max(min_dot_k(torch.float16), triton.next_power_of_2(D))
+    # fp16/bf16: 64 x 64 tiles on tensor cores; fp32 (IEEE FMA dots): 32 x 32. 8 warps: 4 spill (AOT report).
     if block_m is None:
-        block_m = 64 if D <= 64 else 32 if q.dtype == torch.float32 else 64
+        block_m = 32 if q.dtype == torch.float32 else 64
     if block_n is None:
-        block_n = 64 if q.dtype != torch.float32 or D <= 64 else 32
+        block_n = 32 if q.dtype == torch.float32 else 64
+    check_dot_k("moa_prefill_attention", block_n, q.dtype, "block_n")  # the K dim of p @ v
     dot_dtype, precision = _dot_config(q)
     grid = (triton.cdiv(L, block_m), B * Hq)
-    _prefill_kernel[grid](
+    launch(
+        _prefill_kernel,
+        grid,
         q, k, v, out, window, sink, pad,
         Hq, L, D, Hq // Hkv,
         q.stride(0), q.stride(1), q.stride(2),
@@ -149,7 +154,7 @@ def triton_moa_prefill_attention(
         out.stride(0), out.stride(1), out.stride(2),
         float(scale),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
-        num_warps=4, num_stages=2,
+        num_warps=8, num_stages=2,
     )  # fmt: skip
     return out
 
@@ -227,22 +232,24 @@ def triton_moa_decode_attention(
     v_cache = v_cache if v_cache.stride(-1) == 1 else v_cache.contiguous()
     if B == 0 or Hq == 0:
         return torch.empty_like(q)
+    T = k_cache.shape[1]
+    max_cap = max(int((head_start[1:] - head_start[:-1]).max()) if T else 0, 1)  # the largest segment
     head_start = head_start.to(device=q.device, dtype=torch.int64).contiguous()
     length = length.to(device=q.device, dtype=torch.int64).contiguous()
-    T = k_cache.shape[1]
     block_d = triton.next_power_of_2(D)
     if block_n is None:
         block_n = 64 if D <= 128 else 32
-    max_cap = max(int((head_start[1:] - head_start[:-1]).max()) if T else 0, 1)  # the largest segment
     if num_splits is None:
-        num_splits = 1 if not q.is_cuda else max(1, min(triton.cdiv(max_cap, 256), 512 // (B * Hq) + 1))
+        num_splits = 1 if not on_gpu(q) else max(1, min(triton.cdiv(max_cap, 256), 512 // (B * Hq) + 1))
     chunk = triton.cdiv(triton.cdiv(max_cap, num_splits), block_n) * block_n
     num_splits = triton.cdiv(max_cap, chunk)
     parts = B * Hq * num_splits
     m = torch.empty(parts, dtype=torch.float32, device=q.device)
     lsum = torch.empty(parts, dtype=torch.float32, device=q.device)
     acc = torch.empty(parts, block_d, dtype=torch.float32, device=q.device)
-    _decode_kernel[(B * Hq, num_splits)](
+    launch(
+        _decode_kernel,
+        (B * Hq, num_splits),
         q, k_cache, v_cache, head_start, length, m, lsum, acc,
         Hq, Hkv, D, Hq // Hkv, chunk,
         q.stride(0), q.stride(1), k_cache.stride(0), k_cache.stride(1), v_cache.stride(0), v_cache.stride(1),

@@ -15,6 +15,9 @@ import torch
 import triton
 import triton.language as tl
 
+from ._common import min_dot_k
+from .launch import launch
+
 __all__ = ["triton_smooth_hadamard", "hadamard_matrix_on"]
 
 _H: dict[tuple[int, str], torch.Tensor] = {}
@@ -48,6 +51,7 @@ def _smooth_hadamard_kernel(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
+    USE_DOT: tl.constexpr,  # BLOCK_K >= 8, the fp32 tl.dot floor on GPUs
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -71,7 +75,10 @@ def _smooth_hadamard_kernel(
             if HAS_M:
                 a = a * tl.load(m_ptr + blk0 + hk)[None, :]
             h = tl.load(h_ptr + hk[:, None] * B + hn[None, :])
-            acc += tl.dot(a, h, input_precision="ieee")
+            if USE_DOT:
+                acc += tl.dot(a, h, input_precision="ieee")
+            else:  # K tile below the fp32 tl.dot floor (tiny Hadamard blocks): broadcast multiply and reduce
+                acc += tl.sum(a[:, :, None] * h[None, :, :], axis=1)
         tl.store(y_ptr + rm[:, None] * stride_ym + rn[None, :], acc.to(y_ptr.dtype.element_ty), mask=mask_m[:, None])
 
 
@@ -88,8 +95,8 @@ def triton_smooth_hadamard(
     """``smooth_hadamard`` in one kernel launch (arguments as validated by ``effalg.kernels.smooth_hadamard``).
 
     ``block_m`` / ``block_n`` / ``block_k`` override the tiles (powers of two; ``block_n`` and ``block_k`` are capped
-    at ``block_size``); tests pass small values to exercise several tiles per Hadamard block. On a GPU ``tl.dot``
-    needs ``block_size >= 16``.
+    at ``block_size``); tests pass small values to exercise several tiles per Hadamard block. K tiles below the fp32
+    ``tl.dot`` floor (8) use a broadcast multiply-reduce instead, so every ``block_size`` runs on GPUs.
     """
     K = x.shape[-1]
     x2 = x.reshape(-1, K)
@@ -116,7 +123,9 @@ def triton_smooth_hadamard(
         BK = 1
         H = x2  # unused
         grid = (triton.cdiv(M, BM), triton.cdiv(K, BN))
-    _smooth_hadamard_kernel[grid](
+    launch(
+        _smooth_hadamard_kernel,
+        grid,
         x2,
         x2 if m is None else m,
         H,
@@ -130,6 +139,7 @@ def triton_smooth_hadamard(
         BLOCK_M=BM,
         BLOCK_N=BN,
         BLOCK_K=BK,
-        num_warps=4,
+        USE_DOT=BK >= min_dot_k(torch.float32),
+        num_warps=8,  # 4 warps spill registers on sm_80 for fp32 (AOT report)
     )
     return y.reshape(x.shape)

@@ -8,7 +8,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import gemm_blocks, grouped_pid, tl_dtype
+from ._common import check_dot_k, gemm_blocks, grouped_pid, tl_dtype
+from .launch import launch
 from .quantize import triton_quantize_per_token
 
 __all__ = ["triton_int8_scaled_mm", "triton_w8a8_linear"]
@@ -72,7 +73,11 @@ def triton_int8_scaled_mm(
     block_n: Optional[int] = None,
     block_k: Optional[int] = None,
 ) -> torch.Tensor:
-    """``(a @ w.T) * a_scale * w_scale + bias`` -> ``out_dtype[M, N]``; ``w`` is the plain ``int8[N, K]`` layout."""
+    """``(a @ w.T) * a_scale * w_scale + bias`` -> ``out_dtype[M, N]``; ``w`` is the plain ``int8[N, K]`` layout.
+
+    ``block_m`` / ``block_n`` / ``block_k`` override the tiles (default :func:`gemm_blocks`); ``block_k`` must be a
+    power of two >= 32, the int8 ``tl.dot`` floor on GPUs.
+    """
     M, K = a.shape
     N = w_scale.shape[0]
     out = torch.empty((M, N), dtype=out_dtype, device=a.device)
@@ -86,8 +91,11 @@ def triton_int8_scaled_mm(
     w_scale = w_scale.reshape(-1).to(torch.float32).contiguous()
     bm, bn, bk, num_warps, num_stages = gemm_blocks(M, N, K)
     bm, bn, bk = block_m or bm, block_n or bn, block_k or bk
+    check_dot_k("int8_scaled_mm", bk, torch.int8)
     grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-    _int8_mm_kernel[grid](
+    launch(
+        _int8_mm_kernel,
+        grid,
         a,
         a_scale,
         w,

@@ -9,6 +9,7 @@ import triton
 import triton.language as tl
 
 from ._common import round_half_even
+from .launch import launch
 
 __all__ = ["triton_quantize_per_token"]
 
@@ -81,7 +82,9 @@ def triton_quantize_per_token(
         BLOCK = min(triton.next_power_of_2(gs), triton.next_power_of_2(cap))
         single = BLOCK >= gs
         num_warps = max(1, min(16, BLOCK // 256))
-        _quantize_kernel[(M, G)](
+        launch(
+            _quantize_kernel,
+            (M, G),
             x2, q, s, gs, G, x2.stride(0), q.stride(0), BLOCK=BLOCK, SINGLE_PASS=single, num_warps=num_warps
         )
     return q.reshape(x.shape), s.reshape(*x.shape[:-1], G)

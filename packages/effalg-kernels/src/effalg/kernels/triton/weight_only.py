@@ -4,7 +4,8 @@ Two kernels:
 
 * GEMM (``tl.dot``): per K-group it accumulates ``x @ u^T`` with the exact integer codes cast to the activation
   dtype (codes < 256 are exact in fp16/bf16), plus the row sums of ``x``, and folds the group's zero and scale in
-  fp32: ``acc += (x @ u^T - sum(x) * zero) * scale``. Needs a K tile dividing ``group_size``.
+  fp32: ``acc += (x @ u^T - sum(x) * zero) * scale``. When the K tile does not divide ``group_size`` (small or
+  odd groups), each tile runs one masked dot per group it overlaps.
 * GEMV (reduction, no ``tl.dot``): dequantizes a ``[BLOCK_N, BLOCK_K]`` weight tile to fp32 with per-element
   group scale/zero and reduces against one activation row; used for small M and for any ``group_size``.
 
@@ -21,7 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import MIN_DOT_K, gemm_blocks, grouped_pid, pow2_divisor, tl_dtype
+from ._common import check_dot_k, grouped_pid, min_dot_k, pow2_divisor, tl_dtype, weight_only_gemm_blocks
+from .launch import launch, on_gpu
 
 __all__ = ["triton_weight_only_linear", "GEMV_MAX_M"]
 
@@ -71,6 +73,7 @@ def _wo_gemm_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     GROUP_M: tl.constexpr,
+    ALIGNED: tl.constexpr,  # one group, or BLOCK_K divides GS: every K tile lies inside one group
 ):
     pid_m, pid_n = grouped_pid(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -81,20 +84,38 @@ def _wo_gemm_kernel(
     x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * stride_xm
     w_cols = w_ptr + offs_n.to(tl.int64)[None, :] * stride_wn  # [1, BLOCK_N]: the tile is loaded as u^T [BK, BN]
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-    for g in range(0, G):
-        acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
-        xsum = tl.zeros([BLOCK_M], dtype=tl.float32)
-        for kk in range(0, GS, BLOCK_K):
-            k = g * GS + kk + offs_k
-            k_mask = offs_k < GS - kk
-            x = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+    if ALIGNED:
+        for g in range(0, G):
+            acc_g = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+            xsum = tl.zeros([BLOCK_M], dtype=tl.float32)
+            for kk in range(0, GS, BLOCK_K):
+                k = g * GS + kk + offs_k
+                k_mask = offs_k < GS - kk
+                x = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0)
+                u = _load_codes(w_cols, k[:, None], k_mask[:, None] & n_mask[None, :], KB, BITS)
+                u = u.to(tl.float32).to(DOT_DTYPE)  # codes < 256: exact in fp16 / bf16 / fp32
+                acc_g = tl.dot(x.to(DOT_DTYPE), u, acc_g, input_precision=INPUT_PRECISION)
+                xsum += tl.sum(x.to(tl.float32), axis=1)
+            sc = tl.load(scale_ptr + offs_n * G + g, mask=n_mask, other=0.0).to(tl.float32)
+            zp = tl.load(zero_ptr + offs_n * G + g, mask=n_mask, other=0.0).to(tl.float32)
+            acc += (acc_g - xsum[:, None] * zp[None, :]) * sc[None, :]
+    else:
+        # Groups smaller than (or not aligned to) the K tile: one masked dot per group the tile overlaps.
+        K = GS * G
+        for k0 in range(0, K, BLOCK_K):
+            k = k0 + offs_k
+            k_mask = k < K
+            x = tl.load(x_rows + k[None, :], mask=m_mask[:, None] & k_mask[None, :], other=0.0).to(tl.float32)
             u = _load_codes(w_cols, k[:, None], k_mask[:, None] & n_mask[None, :], KB, BITS)
-            u = u.to(tl.float32).to(DOT_DTYPE)  # codes < 256: exact in fp16 / bf16 / fp32
-            acc_g = tl.dot(x.to(DOT_DTYPE), u, acc_g, input_precision=INPUT_PRECISION)
-            xsum += tl.sum(x.to(tl.float32), axis=1)
-        sc = tl.load(scale_ptr + offs_n * G + g, mask=n_mask, other=0.0).to(tl.float32)
-        zp = tl.load(zero_ptr + offs_n * G + g, mask=n_mask, other=0.0).to(tl.float32)
-        acc += (acc_g - xsum[:, None] * zp[None, :]) * sc[None, :]
+            u = u.to(tl.float32).to(DOT_DTYPE)
+            g_of_k = k // GS
+            g_hi = (tl.minimum(k0 + BLOCK_K, K) - 1) // GS
+            for g in range(k0 // GS, g_hi + 1):
+                x_g = tl.where((g_of_k == g)[None, :], x, 0.0)
+                part = tl.dot(x_g.to(DOT_DTYPE), u, input_precision=INPUT_PRECISION)
+                sc = tl.load(scale_ptr + offs_n * G + g, mask=n_mask, other=0.0).to(tl.float32)
+                zp = tl.load(zero_ptr + offs_n * G + g, mask=n_mask, other=0.0).to(tl.float32)
+                acc += (part - tl.sum(x_g, axis=1)[:, None] * zp[None, :]) * sc[None, :]
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
     out_ptrs = out_ptr + offs_m.to(tl.int64)[:, None] * stride_om + offs_n[None, :]
@@ -162,9 +183,8 @@ def triton_weight_only_linear(
     """``weight_only_linear``: ``x @ W.T + bias`` with ``W[n, k] = (u[n, k] - zero[n, g]) * scale[n, g]``.
 
     ``w`` is ``uint8[N, ceil(K * bits / 8)]`` (see :func:`effalg.kernels.packing.pack_bits`), ``scale``/``zero``
-    ``float[N, G]``. ``use_gemv`` forces a kernel (default: GEMV for ``M <= GEMV_MAX_M`` or when no K tile of at
-    least ``MIN_DOT_K`` divides ``group_size`` on a GPU, else GEMM). A GEMM ``block_k`` must be a power of two
-    dividing ``group_size`` when ``group_size > 0``.
+    ``float[N, G]``. ``use_gemv`` forces a kernel (default: GEMV for ``M <= GEMV_MAX_M``, else GEMM). A GEMM
+    ``block_k`` must be a power of two of at least the ``tl.dot`` floor of x's dtype (16 for fp16/bf16, 8 for fp32).
     """
     if bits not in (2, 3, 4, 8):
         raise ValueError(f"weight_only_linear: bits must be one of (2, 3, 4, 8), got {bits!r}")
@@ -185,17 +205,20 @@ def triton_weight_only_linear(
     zero = zero.reshape(N, G).contiguous()
     bias_arg = bias.contiguous() if bias is not None else scale
     x_tl = tl_dtype(x.dtype)
-    bm, bn, bk, num_warps, num_stages = gemm_blocks(M, N, K)
+    bm, bn, bk, num_warps, num_stages = weight_only_gemm_blocks(M, N, K, x.dtype)
+    floor = min_dot_k(x.dtype)
     if group_size == 0:
-        gemm_bk = block_k or max(MIN_DOT_K, min(bk, triton.next_power_of_2(K)))
+        gemm_bk = block_k or max(floor, min(bk, triton.next_power_of_2(K)))
     else:
-        gemm_bk = block_k or pow2_divisor(gs, bk)
+        gemm_bk = block_k or max(floor, pow2_divisor(gs, bk))
     if use_gemv is None:
-        use_gemv = M <= GEMV_MAX_M or (x.is_cuda and gemm_bk < MIN_DOT_K)
+        use_gemv = M <= GEMV_MAX_M
     if use_gemv:
         gbn = block_n or 32  # small N tiles: enough programs to fill the GPU at M = 1
         gbk = block_k or max(1, min(128, triton.next_power_of_2(K)))
-        _wo_gemv_kernel[(M, triton.cdiv(N, gbn))](
+        launch(
+            _wo_gemv_kernel,
+            (M, triton.cdiv(N, gbn)),
             x2,
             w,
             scale,
@@ -215,14 +238,15 @@ def triton_weight_only_linear(
             X_DTYPE=x_tl,
             BLOCK_N=gbn,
             BLOCK_K=gbk,
-            num_warps=4,
+            num_warps=8,  # 4 warps spill registers on sm_80/sm_90 at 32 x 128 (AOT report)
         )
     else:
-        if gemm_bk & (gemm_bk - 1) or (G > 1 and gs % gemm_bk):
-            raise ValueError(f"weight_only_linear: block_k={gemm_bk} must be a power of two dividing group_size={gs}")
+        check_dot_k("weight_only_linear", gemm_bk, x.dtype)
         bm, bn = block_m or bm, block_n or bn
         grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
-        _wo_gemm_kernel[grid](
+        launch(
+            _wo_gemm_kernel,
+            grid,
             x2,
             w,
             scale,
@@ -240,12 +264,13 @@ def triton_weight_only_linear(
             BITS=bits,
             HAS_BIAS=bias is not None,
             X_DTYPE=x_tl,
-            DOT_DTYPE=x_tl if x.is_cuda or x.dtype != torch.bfloat16 else tl.float32,
-            INPUT_PRECISION="ieee" if x.dtype == torch.float32 or not x.is_cuda else "tf32",
+            DOT_DTYPE=x_tl if on_gpu(x) or x.dtype != torch.bfloat16 else tl.float32,
+            INPUT_PRECISION="ieee" if x.dtype == torch.float32 or not on_gpu(x) else "tf32",
             BLOCK_M=bm,
             BLOCK_N=bn,
             BLOCK_K=gemm_bk,
             GROUP_M=8,
+            ALIGNED=G == 1 or gs % gemm_bk == 0,
             num_warps=num_warps,
             num_stages=num_stages,
         )

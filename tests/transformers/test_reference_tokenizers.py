@@ -1,0 +1,35 @@
+"""The reference models' word-level tokenizers (built in effalg.transformers.reference_models, not in core)."""
+
+from effalg.core.eval import lm_tasks, shapes
+from effalg.core.eval.reference import LM_NAME, T2I_NAME, reference_models_dir
+from effalg.transformers.reference_models import build_lm_tokenizer, build_shapes_tokenizer
+
+
+def test_lm_tokenizer_matches_vocab():
+    tok = build_lm_tokenizer()
+    assert tok.convert_tokens_to_ids(lm_tasks.VOCAB) == list(range(len(lm_tasks.VOCAB)))
+    assert tok("def k3 v7").input_ids == [lm_tasks.DEF, lm_tasks.KEY0 + 3, lm_tasks.VALUE0 + 7]
+
+
+def test_shapes_tokenizer_covers_captions_and_appends_eos():
+    tok = build_shapes_tokenizer()
+    ids = tok("A Red circle on a blue background").input_ids
+    assert ids[-1] == tok.eos_token_id == 1 and tok.unk_token_id not in ids
+    assert tok.convert_ids_to_tokens(ids[:-1]) == ["a", "red", "circle", "on", "a", "blue", "background"]
+    assert set(tok.convert_tokens_to_ids(shapes.WORDS)).isdisjoint({tok.pad_token_id, tok.eos_token_id, 2})
+
+
+def test_same_vocab_as_the_committed_reference_models():
+    """The builders reproduce the token ids saved with the trained reference models (where those exist)."""
+    try:
+        root = reference_models_dir()
+    except FileNotFoundError:
+        return
+    from transformers import AutoTokenizer
+
+    for name, build, sub in ((LM_NAME, build_lm_tokenizer, ""), (T2I_NAME, build_shapes_tokenizer, "tokenizer")):
+        folder = root / name / sub
+        if (folder / "tokenizer.json").is_file():
+            # (the committed LM tokenizer also holds an added ``<|endoftext|>`` after the task vocabulary)
+            saved = AutoTokenizer.from_pretrained(folder).get_vocab()
+            assert build().get_vocab().items() <= saved.items(), name
