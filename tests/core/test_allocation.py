@@ -4,7 +4,7 @@ import random
 
 import pytest
 
-from effalg.core.allocation import allocate_bits
+from effalg.core.allocation import allocate_bits, allocate_bits_by_group, normalize_costs_by_group
 
 
 def _brute_force(costs, sizes, budget_bits):
@@ -82,3 +82,34 @@ def test_bad_inputs(costs, sizes, match):
 def test_budget_required():
     with pytest.raises(ValueError, match="avg_bits and/or max_bytes"):
         allocate_bits({"a": {4: 1.0}}, {"a": 1})
+
+
+def test_normalize_costs_by_group():
+    sens = {
+        "a": {4: 2.0, 8: 1.0},
+        "x": {2: 30.0, 4: 10.0},
+        "b": {4: 6.0, 8: float("inf")},
+        "y": {2: 10.0, 4: 0.0},
+    }
+    costs, norms = normalize_costs_by_group(sens, {"a": "g1", "b": "g1", "x": "g2", "y": "g2"})
+    assert norms == {"g1": 4.0, "g2": 20.0}  # mean at each group's lowest shared bit width
+    assert list(costs) == ["a", "b", "x", "y"]  # groups sorted, layers in input order
+    assert costs["a"] == {4: 0.5, 8: 0.25} and costs["b"] == {4: 1.5, 8: 1e6}  # non-finite -> 1e6
+    assert costs["x"] == {2: 1.5, 4: 0.5} and costs["y"] == {2: 0.5, 4: 0.0}
+    with pytest.raises(ValueError, match="groups is missing layer"):
+        normalize_costs_by_group(sens, {"a": "g1"})
+
+
+def test_allocate_bits_by_group():
+    costs = {"a": {2: 5.0, 4: 1.0, 8: 0.0}, "b": {2: 1.0, 4: 0.5, 8: 0.0}, "q": {4: 3.0, 8: 0.0}, "r": {4: 1.0, 8: 0.0}}
+    sizes = {"a": 1, "b": 1, "q": 1, "r": 1}
+    groups = {"a": "content", "b": "content", "q": "quality", "r": "quality"}
+    alloc = allocate_bits_by_group(costs, sizes, groups, {"content": 3.0, "quality": 6.0})
+    assert alloc.bits == {"a": 4, "b": 2, "q": 8, "r": 4}  # each group within its own budget
+    assert alloc.total_cost == pytest.approx(3.0) and alloc.avg_bits == 4.5 and alloc.total_bits == 18
+    assert alloc.extras["groups"]["content"].avg_bits == 3.0
+    assert allocate_bits_by_group(costs, sizes, groups, 8).bits == {"a": 8, "b": 8, "q": 8, "r": 8}
+    with pytest.raises(ValueError, match=r"avg_bits has no budget for group\(s\) \['quality'\]"):
+        allocate_bits_by_group(costs, sizes, groups, {"content": 3.0})
+    with pytest.raises(ValueError, match=r"group 'quality': allocate_bits: avg_bits=3.0 is infeasible"):
+        allocate_bits_by_group(costs, sizes, groups, {"content": 3.0, "quality": 3.0})

@@ -3,6 +3,8 @@
 ``import effalg.diffusers`` registers the effalg quantization methods with diffusers (diffusers >=0.42,<0.43), so
 that ``quantization_config=EffalgLinearConfig(...)`` / ``ViDiTQConfig(...)`` works in ``ModelMixin.from_pretrained`` and
 ``DiffusionPipeline.from_pretrained``, and saved effalg checkpoints load with a plain ``from_pretrained``.
+``calibrate(pipe, prompts, config, ...)`` runs the calibration registered for ``type(config)``
+(:func:`register_calibrator`).
 """
 
 from ._registry import SUPPORTED_DIFFUSERS, check_diffusers_version, register_quantization_method
@@ -16,8 +18,9 @@ from .config import (  # noqa: E402
     EffalgQuantMethod,
     default_modules_to_not_convert,
 )
+from .pipeline_calibration import calibrate, register_calibrator  # noqa: E402
 from .quantizer import EffalgDiffusersQuantizer, EffalgLinearQuantizer  # noqa: E402
-from .vidit_q import ViDiTQConfig, ViDiTQQuantizer, calibrate  # noqa: E402
+from .vidit_q import ViDiTQConfig, ViDiTQQuantizer  # noqa: E402  (registers ViDiT-Q's calibration)
 
 register_quantization_method(EffalgLinearConfig, EffalgLinearQuantizer)
 register_quantization_method(ViDiTQConfig, ViDiTQQuantizer)
@@ -34,5 +37,6 @@ __all__ = [
     "ViDiTQQuantizer",
     "calibrate",
     "default_modules_to_not_convert",
+    "register_calibrator",
     "register_quantization_method",
 ]

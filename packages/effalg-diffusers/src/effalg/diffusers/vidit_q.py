@@ -10,8 +10,11 @@ allocated by ``effalg.core``'s MILP under an average-bit budget). Three pieces:
   pipeline level). Quantize-on-load applies the data-free parts (weights, dynamic activations, rotation, a given
   ``plan``); the saved config also records which layers carry calibrated smooth scales.
 * :class:`ViDiTQQuantizer`: the diffusers quantizer (registered on ``import effalg.diffusers``).
-* :func:`calibrate`: runs the float pipeline, computes smooth scales, rotations and (if asked) the mixed-precision
-  plan, and quantizes the pipeline's denoiser in place.
+* :func:`calibrate` (registered for :class:`ViDiTQConfig` with ``effalg.diffusers.calibrate``): computes smooth
+  scales, rotations and (if asked) the mixed-precision plan from a float run of the pipeline, and quantizes the
+  pipeline's denoiser in place. Running the pipeline, the per-layer sensitivity loop and the MILP are shared with
+  the other calibration-based methods (:mod:`effalg.diffusers.pipeline_calibration`, :mod:`effalg.core.allocation`);
+  this module holds ViDiT-Q's own pieces: its metric groups, channel balance and layer choice.
 """
 
 from __future__ import annotations
@@ -26,17 +29,31 @@ import torch
 from torch import nn
 
 from diffusers.utils import logging
-from effalg.core.allocation import allocate_bits
-from effalg.core.calibration import ActivationStatsCollector
+from effalg.core.allocation import allocate_bits, normalize_costs_by_group
 from effalg.core.config import LinearQuantConfig
-from effalg.core.modules import QuantModuleBase, W4A8Linear, W8A8Linear, prepack_model_
+from effalg.core.modules import QuantModuleBase, W4A8Linear, W8A8Linear
 from effalg.core.plans import BitPlan, Plan, PlanError
 from effalg.core.quant.rotation import HadamardRotation
 from effalg.core.quant.smooth import compute_smooth_scale
 from effalg.kernels import hadamard_block_size
 
 from .config import EffalgDiffusersConfig, EffalgQuantMethod, _matches
-from .quantizer import EffalgDiffusersQuantizer, _in_keep_fp32
+from .pipeline_calibration import (
+    CalibrationRun,
+    FinalLatentsMetric,
+    MetricGroup,
+    ModuleOutputMetric,
+    PipelineRunner,
+    check_prompts,
+    float_denoiser,
+    install_quantized,
+    layer_sensitivity,
+    register_calibrator,
+    relative_error,
+    run_float,
+    select_layers,
+)
+from .quantizer import EffalgDiffusersQuantizer
 
 __all__ = ["AUTO_BALANCE", "ViDiTQConfig", "ViDiTQQuantizer", "calibrate", "layer_metric_group"]
 
@@ -417,58 +434,7 @@ class ViDiTQQuantizer(EffalgDiffusersQuantizer):
 
 
 # ---- calibration ----------------------------------------------------------------------------------------------------
-def _denoiser(pipe, cfg: ViDiTQConfig) -> tuple[str, nn.Module]:
-    for name in cfg.pipeline_components:
-        model = getattr(pipe, name, None)
-        if isinstance(model, nn.Module):
-            return name, model
-    raise TypeError(
-        f"calibrate: pipe must be a DiffusionPipeline with a denoiser component {list(cfg.pipeline_components)}, "
-        f"got {type(pipe).__name__}"
-    )
-
-
-def _clone(x: Any) -> Any:
-    if isinstance(x, torch.Tensor):
-        return x.detach().clone()
-    if isinstance(x, dict):
-        return {k: _clone(v) for k, v in x.items()}
-    if isinstance(x, (list, tuple)):
-        return type(x)(_clone(v) for v in x)
-    return x
-
-
-def _first_tensor(out: Any) -> torch.Tensor:
-    if isinstance(out, torch.Tensor):
-        return out
-    if isinstance(out, (tuple, list)):
-        return _first_tensor(out[0])
-    if hasattr(out, "sample"):
-        return out.sample
-    raise TypeError(f"calibrate: cannot find the output tensor in {type(out).__name__}")
-
-
-class _Runner:
-    """Deterministic pipeline calls (latent output) and replay of recorded denoiser calls."""
-
-    def __init__(self, pipe, model, steps, guidance_scale, seed, call_kwargs):
-        self.pipe, self.model = pipe, model
-        self.steps, self.guidance_scale, self.seed = steps, guidance_scale, seed
-        self.call_kwargs = dict(call_kwargs)
-
-    def latents(self, prompt: str, i: int) -> torch.Tensor:
-        kw = dict(self.call_kwargs)
-        kw.update(prompt=prompt, num_inference_steps=self.steps, output_type="latent")
-        kw["generator"] = torch.Generator().manual_seed(self.seed + i)
-        if self.guidance_scale is not None:
-            kw["guidance_scale"] = self.guidance_scale
-        out = self.pipe(**kw)
-        for attr in ("images", "frames"):
-            if hasattr(out, attr):
-                return getattr(out, attr)
-        return out[0]
-
-
+@register_calibrator(ViDiTQConfig)
 @torch.no_grad()
 def calibrate(
     pipe,
@@ -484,100 +450,43 @@ def calibrate(
 ):
     """Calibrate ViDiT-Q on ``pipe`` with ``prompts`` and quantize its denoiser in place; returns ``pipe``.
 
-    Runs the float pipeline on every prompt (``num_inference_steps``, ``guidance_scale``, generator seeded with
-    ``seed + i``, any other ``call_kwargs`` such as ``height``/``width``) under a tqdm bar over prompts x steps,
-    collecting the per-input-channel activation abs-max of every quantized linear over all timesteps and both CFG
-    branches. Then, per ``config``: smooth scales with ``smooth_alpha`` on the ``balance_layers``, seeded Hadamard
-    rotations, and, with ``mixed_precision``, the metric-decoupled plan: each layer's sensitivity is the error when
-    it alone is quantized (W4A8 and W8A8, everything else float) under the metric of its type (cross-attention: the
-    ``attn2`` output's conditional-minus-unconditional difference, temporal attention: frame-to-frame differences of
-    its output, others: final latents vs float, on the first ``sensitivity_prompts`` prompts), normalized per group
-    and allocated by :func:`effalg.core.allocation.allocate_bits` under ``avg_bits``. The resulting config (with its
-    plan and the smoothed layers) is what ``pipe.save_pretrained`` writes.
+    What ``effalg.diffusers.calibrate`` runs for a :class:`ViDiTQConfig`. Runs the float pipeline on every prompt
+    (``num_inference_steps``, ``guidance_scale``, generator seeded with ``seed + i``, any other ``call_kwargs`` such
+    as ``height``/``width``) under a tqdm bar over prompts x steps, collecting the per-input-channel activation
+    abs-max of every quantized linear over all timesteps and both CFG branches. Then, per ``config``: smooth scales
+    with ``smooth_alpha`` on the ``balance_layers``, seeded Hadamard rotations, and, with ``mixed_precision``, the
+    metric-decoupled plan: each layer's sensitivity is the error when it alone is quantized (W4A8 and W8A8,
+    everything else float) under the metric of its type (cross-attention: the ``attn2`` output's
+    conditional-minus-unconditional difference, temporal attention: frame-to-frame differences of its output, others:
+    final latents vs float, on the first ``sensitivity_prompts`` prompts), normalized per group and allocated by
+    :func:`effalg.core.allocation.allocate_bits` under ``avg_bits``. The resulting config (with its plan and the
+    smoothed layers) is what ``pipe.save_pretrained`` writes.
 
     Raises:
         ValueError: empty ``prompts``, an already quantized denoiser, no quantizable layers, a bad plan.
         TypeError: ``config`` is not a :class:`ViDiTQConfig` or ``pipe`` has no denoiser.
     """
-    from tqdm.auto import tqdm
-
     if not isinstance(config, ViDiTQConfig):
         raise TypeError(f"calibrate: config must be a ViDiTQConfig, got {type(config).__name__}")
-    if isinstance(prompts, str):
-        prompts = [prompts]
-    prompts = list(prompts) if prompts is not None else []
-    if not prompts:
-        raise ValueError("calibrate: prompts is empty; give at least one calibration prompt")
-    bad = [p for p in prompts if not isinstance(p, str)]
-    if bad:
-        raise TypeError(f"calibrate: prompts must be strings, got {type(bad[0]).__name__}")
-    if isinstance(num_inference_steps, bool) or not isinstance(num_inference_steps, int) or num_inference_steps < 1:
-        raise ValueError(f"calibrate: num_inference_steps must be an int >= 1, got {num_inference_steps!r}")
-    comp, model = _denoiser(pipe, config)
-    if getattr(model, "hf_quantizer", None) is not None or any(isinstance(m, QuantModuleBase) for m in model.modules()):
-        raise ValueError(f"calibrate: pipe.{comp} is already quantized; calibrate the float pipeline")
+    prompts = check_prompts(prompts, num_inference_steps)
+    _, model = float_denoiser(pipe, config)
     cfg = config.resolved_for(model)
-    skip = set(cfg.modules_to_not_convert)
-    layers: dict[str, tuple[nn.Linear, int, int]] = {}
-    keep_fp32 = getattr(type(model), "_keep_in_fp32_modules", None) or []
-    keep_fp32 = [keep_fp32] if isinstance(keep_fp32, str) else list(keep_fp32)
-    for name, m in model.named_modules():
-        if not name or any(name == s or name.startswith(s + ".") for s in skip) or _in_keep_fp32(name, keep_fp32):
-            continue
-        kind = _layer_kind(cfg, m, name)
-        if kind is not None:
-            layers[name] = (m, *kind)
-    if not layers:
-        raise ValueError(
-            f"calibrate: no quantizable layers in {type(model).__name__} "
-            f"(modules_to_not_convert={cfg.modules_to_not_convert})"
-        )
+    layers: dict[str, tuple[nn.Linear, int, int]] = select_layers(
+        model, cfg.modules_to_not_convert, lambda n, m: _calibrated_layer(cfg, m, n)
+    )
     auto = cfg.balance_layers == AUTO_BALANCE
     balanced = list(layers) if auto else [n for n in layers if cfg.is_balanced(n)]
     want_mp = cfg.mixed_precision is not None and cfg.plan is None
-    runner = _Runner(pipe, model, num_inference_steps, guidance_scale, seed, call_kwargs)
+    runner = PipelineRunner(pipe, model, num_inference_steps, guidance_scale, seed, call_kwargs)
     n_sens = max(1, min(int(sensitivity_prompts), len(prompts))) if want_mp else 0
 
     # 1. float run: activation statistics, recorded denoiser calls and final latents (sensitivity prompts).
-    recorded: list[tuple[tuple, dict]] = []
-    ref_latents: list[torch.Tensor] = []
-    recording = [False]
-
-    def record(_m, args, kwargs):
-        if recording[0]:
-            recorded.append((_clone(args), _clone(kwargs)))
-
-    bar = tqdm(total=len(prompts) * num_inference_steps, desc="ViDiT-Q calibration", disable=not progress)
-
-    def tick(*_):  # a forward hook: must return None (a value would replace the denoiser's output)
-        bar.update(1)
-
     stat_layers = {n: layers[n][0] for n in balanced} if cfg.smooth_alpha is not None or auto else {}
-    hooks = [
-        model.register_forward_pre_hook(record, with_kwargs=True),
-        model.register_forward_hook(tick),
-    ]
-    old_bar_cfg = dict(getattr(pipe, "_progress_bar_config", {}))
-    pipe.set_progress_bar_config(disable=True)
-    try:
-        collector = ActivationStatsCollector(modules=stat_layers, per_call=False) if stat_layers else None
-        if collector is not None:
-            collector.__enter__()
-        try:
-            for i, p in enumerate(prompts):
-                recording[0] = i < n_sens
-                lat = runner.latents(p, i)
-                if i < n_sens:
-                    ref_latents.append(lat.detach().clone())
-        finally:
-            if collector is not None:
-                collector.remove()
-    finally:
-        for h in hooks:
-            h.remove()
-        bar.close()
-        pipe._progress_bar_config = old_bar_cfg
-    stats = collector.stats() if collector is not None else None
+    run = run_float(
+        runner, prompts, modules=stat_layers, record=n_sens, desc="ViDiT-Q calibration", progress=progress,
+        per_call=False,
+    )  # fmt: skip
+    stats = run.stats
     if auto:  # ViDiT-Q's heuristic: balance the layers whose input channels are imbalanced
         balanced = [n for n in balanced if stats is not None and n in stats and _imbalance(stats[n].absmax) >= 8.0]
         cfg.balance_layers = list(balanced)
@@ -597,10 +506,7 @@ def calibrate(
 
     # 2. metric-decoupled mixed precision.
     if want_mp:
-        mp = cfg.mixed_precision
-        cfg.plan = _search_plan(
-            pipe, model, runner, prompts[:n_sens], ref_latents, recorded, layers, build, mp, progress
-        ).to_dict()
+        cfg.plan = _search_plan(run, layers, build, cfg.mixed_precision, progress).to_dict()
         for name in list(layers):
             bits = cfg.layer_bits(name)
             linear, _, gs = layers[name]
@@ -610,11 +516,8 @@ def calibrate(
                 layers[name] = (linear, bits, gs)
 
     # 3. swap in the quantized layers.
-    for name, (_linear, bits, _gs) in layers.items():
-        model.set_submodule(name, build(name, bits))
-    prepack_model_(model)
     cfg.smoothed_layers = sorted(n for n in smooth if n in layers)
-    _attach_quantizer(model, cfg, list(layers))
+    install_quantized(model, cfg, ViDiTQQuantizer, {name: build(name, bits) for name, (_, bits, _) in layers.items()})
     logger.info(
         "ViDiT-Q: quantized %d layer(s) of %s (%d smoothed, %d rotated)",
         len(layers),
@@ -625,35 +528,18 @@ def calibrate(
     return pipe
 
 
+def _calibrated_layer(cfg: ViDiTQConfig, module: nn.Module, name: str) -> tuple[nn.Linear, int, int] | None:
+    kind = _layer_kind(cfg, module, name)
+    return None if kind is None else (module, *kind)
+
+
 def _imbalance(absmax: torch.Tensor) -> float:
     """Channel imbalance of an activation: max / median of the per-channel abs-max."""
     med = float(absmax.float().median())
     return float(absmax.max()) / med if med > 0 else math.inf
 
 
-def _attach_quantizer(model: nn.Module, cfg: ViDiTQConfig, converted: list[str]) -> None:
-    """Make a model quantized in place look like one loaded with ``quantization_config=cfg`` (save / reload)."""
-    from .hub import install_save_hook
-
-    q = ViDiTQQuantizer(cfg, pre_quantized=False)
-    q.converted = list(converted)
-    q._converted_names = frozenset(converted)
-    q.modules_to_not_convert = list(cfg.modules_to_not_convert)
-    model.is_quantized = True
-    model.quantization_method = cfg.quant_method
-    model.hf_quantizer = q
-    model.register_to_config(quantization_config=cfg)
-    install_save_hook(model, [])
-
-
-def _rel_err(ref: torch.Tensor, out: torch.Tensor) -> float:
-    ref, out = ref.double(), out.double()
-    den = ref.pow(2).sum().item()
-    num = (ref - out).pow(2).sum().item()
-    return num / den if den > 0 else num
-
-
-def _parent_attention(model: nn.Module, name: str) -> str:
+def _parent_attention(name: str) -> str:
     """Name of the attention module holding layer ``name`` (e.g. ``...attn2`` for ``...attn2.to_out.0``)."""
     parts = name.split(".")
     for i in range(len(parts) - 1, 0, -1):
@@ -662,90 +548,35 @@ def _parent_attention(model: nn.Module, name: str) -> str:
     return name.rpartition(".")[0] or name
 
 
-def _search_plan(pipe, model, runner, prompts, ref_latents, recorded, layers, build, mp, progress) -> BitPlan:
+def _cfg_difference_error(ref: torch.Tensor, out: torch.Tensor) -> float:
+    """Text alignment: error of the conditional-minus-unconditional output (CFG batch ``[uncond; cond]``)."""
+    if ref.shape[0] % 2 == 0 and ref.shape[0] >= 2:
+        u, c = ref.chunk(2)
+        uo, co = out.chunk(2)
+        return relative_error(c - u, co - uo)
+    return relative_error(ref, out)
+
+
+def _frame_difference_error(ref: torch.Tensor, out: torch.Tensor) -> float | None:
+    """Temporal consistency: error of the frame-to-frame differences (None: a single frame)."""
+    return relative_error(ref.diff(dim=-2), out.diff(dim=-2)) if ref.shape[-2] > 1 else None
+
+
+def _search_plan(run: CalibrationRun, layers, build, mp, progress) -> BitPlan:
     """ViDiT-Q's metric-decoupled mixed-precision search (see :func:`calibrate`)."""
-    from tqdm.auto import tqdm
-
-    cand = list(mp["candidate_bits"])
+    cand = tuple(mp["candidate_bits"])
     groups = {n: layer_metric_group(n) for n in layers}
-
-    # Reference outputs (float) of the attention modules the cross / temporal metrics look at.
-    watch = sorted({_parent_attention(model, n) for n, g in groups.items() if g != "visual"})
-    captured: dict[str, list[torch.Tensor]] = {w: [] for w in watch}
-
-    def hook_for(w):
-        def h(_m, _a, out):
-            captured[w].append(_first_tensor(out).detach().float().clone())
-
-        return h
-
-    def replay() -> dict[str, list[torch.Tensor]]:
-        for w in watch:
-            captured[w] = []
-        hs = [model.get_submodule(w).register_forward_hook(hook_for(w)) for w in watch]
-        try:
-            for args, kwargs in recorded:
-                model(*args, **kwargs)
-        finally:
-            for h in hs:
-                h.remove()
-        return {w: list(v) for w, v in captured.items()}
-
-    ref_attn = replay() if watch else {}
-
-    def cross_metric(w: str, outs: dict) -> float:
-        errs = []
-        for r, o in zip(ref_attn[w], outs[w]):
-            if r.shape[0] % 2 == 0 and r.shape[0] >= 2:  # CFG batch: [uncond; cond]
-                u, c = r.chunk(2)
-                uo, co = o.chunk(2)
-                errs.append(_rel_err(c - u, co - uo))
-            else:
-                errs.append(_rel_err(r, o))
-        return sum(errs) / max(1, len(errs))
-
-    def temporal_metric(w: str, outs: dict) -> float:
-        errs = [_rel_err(r.diff(dim=-2), o.diff(dim=-2)) for r, o in zip(ref_attn[w], outs[w]) if r.shape[-2] > 1]
-        return sum(errs) / max(1, len(errs))
-
-    def visual_metric() -> float:
-        errs = [_rel_err(ref, runner.latents(p, i)) for i, (p, ref) in enumerate(zip(prompts, ref_latents))]
-        return sum(errs) / len(errs)
-
-    sens: dict[str, dict[int, float]] = {}
-    old_bar_cfg = dict(getattr(pipe, "_progress_bar_config", {}))
-    pipe.set_progress_bar_config(disable=True)
-    try:
-        for name in tqdm(list(layers), desc="ViDiT-Q sensitivity", disable=not progress):
-            linear = layers[name][0]
-            g = groups[name]
-            sens[name] = {}
-            for b in cand:
-                model.set_submodule(name, build(name, b))
-                try:
-                    if g == "visual" or not recorded:
-                        sens[name][b] = visual_metric()
-                    else:
-                        outs = replay()
-                        w = _parent_attention(model, name)
-                        sens[name][b] = cross_metric(w, outs) if g == "cross" else temporal_metric(w, outs)
-                finally:
-                    model.set_submodule(name, linear)
-    finally:
-        pipe._progress_bar_config = old_bar_cfg
-
+    metrics = {
+        "cross": MetricGroup(ModuleOutputMetric(_parent_attention, _cfg_difference_error), cand),
+        "temporal": MetricGroup(ModuleOutputMetric(_parent_attention, _frame_difference_error), cand),
+        "visual": MetricGroup(FinalLatentsMetric(), cand),
+    }
+    sens = layer_sensitivity(run, groups, metrics, build, desc="ViDiT-Q sensitivity", progress=progress)
     # Normalize per metric group (mean sensitivity of the group's lowest bit width = 1), then allocate.
-    costs: dict[str, dict[int, float]] = {}
-    norms: dict[str, float] = {}
-    for g in sorted(set(groups.values())):
-        members = [n for n in layers if groups[n] == g]
-        scale = sum(sens[n][cand[0]] for n in members) / len(members)
-        norms[g] = scale
-        for n in members:
-            costs[n] = {b: (v / scale if scale > 0 else 0.0) for b, v in sens[n].items()}
-            costs[n] = {b: max(0.0, v if math.isfinite(v) else 1e6) for b, v in costs[n].items()}
+    costs, norms = normalize_costs_by_group(sens, groups)
     sizes = {n: layers[n][0].weight.numel() for n in layers}
     alloc = allocate_bits(costs, sizes, avg_bits=mp["avg_bits"])
+    model = run.runner.model
     logger.info("ViDiT-Q mixed precision: %s average weight bits over %d layers", alloc.avg_bits, len(layers))
     return BitPlan.from_bits(
         weight_bits=alloc.bits,
