@@ -2,6 +2,7 @@ import copy
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -344,3 +345,98 @@ def test_w8a8_conv2d_rejects_unsupported():
         W8A8Conv2d.from_float(nn.Conv2d(4, 4, 3, groups=2))
     with pytest.raises(ValueError, match="padding_mode"):
         W8A8Conv2d.from_float(nn.Conv2d(4, 4, 3, padding=1, padding_mode="reflect"))
+
+
+# ---- MixDQ WxA8 (W8A8 / W4A8 / W2A8, static or dynamic activations) -----------------------------------------------
+
+
+def _static_act_f64(x, scale, zero):
+    """Static per-tensor asymmetric int8 (fp32 division, round half to even), dequantized in float64."""
+    q = (torch.round(x.float() / torch.tensor(scale, dtype=torch.float32)) + zero).clamp(-128, 127)
+    return (q.double() - zero) * float(torch.tensor(scale, dtype=torch.float32))
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("static", [False, True])
+def test_wxa8_linear_matches_f64_reference(bits, static):
+    from effalg.core.modules import WxA8Linear
+
+    lin = _linear(k=36)
+    x = torch.randn(3, 5, 36)
+    act = dict(act_scale=0.02, act_zero=-13) if static else {}
+    mod = WxA8Linear.from_float(lin, weight_bits=bits, **act)
+    w_fq = _weight_fq_f64(lin.weight, bits)  # symmetric min-max per channel: codes in [-(2^(b-1) - 1), 2^(b-1) - 1]
+    torch.testing.assert_close(mod.dequantize_weight(torch.float64), w_fq, rtol=0, atol=1e-12)
+    xd = _static_act_f64(x, 0.02, -13) if static else _act_quant_f64(x)
+    ref = xd @ w_fq.t() + lin.bias.double()
+    y = mod(x)
+    assert y.shape == (3, 5, 24) and y.dtype == torch.float32
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    packed = {2: (24, 9), 4: (24, 18), 8: (24, 36)}[bits]
+    assert mod.qweight.shape == packed and mod.qweight.dtype == (torch.int8 if bits == 8 else torch.uint8)
+    names = ["bias", "qweight", "weight_scale"] + (["weight_rowsum", "act_scale", "act_zero"] if static else [])
+    assert list(mod.state_dict()) == names
+    extra = 4 * 24 + 4 + 4 if static else 0
+    assert mod.memory_footprint() == packed[0] * packed[1] + 4 * 24 + 4 * 24 + extra
+    assert mod.weight_bits == bits and mod.act_spec.dynamic == (not static)
+
+
+def test_wxa8_linear_meta_construction_load_and_dtype_moves():
+    from effalg.core.modules import WxA8Linear
+
+    src = WxA8Linear.from_float(_linear(), weight_bits=2, act_scale=0.05, act_zero=7)
+    meta = WxA8Linear(32, 24, weight_bits=2, static_act=True, device="meta")
+    for name, t in src.state_dict().items():
+        mt = meta.state_dict()[name]
+        assert mt.is_meta and mt.shape == t.shape and mt.dtype == t.dtype, name
+    dst = meta.to_empty(device="cpu")
+    dst.load_state_dict(src.state_dict())
+    x = torch.randn(4, 32)
+    assert torch.equal(dst(x), src(x))
+    # a module built for dynamic activations accepts a static checkpoint
+    dyn = WxA8Linear(32, 24, weight_bits=2)
+    dyn.load_state_dict(src.state_dict())
+    assert dyn.static_act and torch.equal(dyn(x), src(x))
+    h = copy.deepcopy(src).to(torch.bfloat16)
+    assert h.act_scale.dtype == torch.float32 and h.weight_scale.dtype == torch.float32
+    assert h.act_zero.dtype == torch.int32 and h.weight_rowsum.dtype == torch.int32 and h.bias.dtype == torch.bfloat16
+    assert h(x.bfloat16()).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="weight_bits must be one of"):
+        WxA8Linear(32, 24, weight_bits=3)
+    with pytest.raises(ValueError, match=r"act_zero must be one integer in \[-128, 127\]"):
+        WxA8Linear.from_float(_linear(), act_scale=0.1, act_zero=200)
+    with pytest.raises(ValueError, match="act_zero requires act_scale"):
+        WxA8Linear.from_float(_linear(), act_zero=3)
+
+
+@pytest.mark.parametrize(
+    "bits,act,kw",
+    [
+        (2, dict(act_scale=0.03, act_zero=21), dict(kernel_size=3, padding=1)),  # padding quantizes to the zero point
+        (4, {}, dict(kernel_size=(3, 2), stride=2, padding=(1, 0))),
+        (8, dict(act_scale=0.03, act_zero=-4), dict(kernel_size=1)),
+    ],
+)
+def test_wxa8_conv2d_matches_f64_reference(bits, act, kw):
+    from effalg.core.modules import WxA8Conv2d
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 5, **kw)
+    x = torch.randn(2, 6, 7, 8)
+    mod = WxA8Conv2d.from_float(conv, weight_bits=bits, **act)
+    w_fq = _weight_fq_f64(conv.weight.detach().reshape(5, -1), bits)
+    xq = _static_act_f64(x, act["act_scale"], act["act_zero"]) if act else None
+    if act:  # fake-quant input, zero-padded after quantization (the float64 reference of the folded zero point)
+        ref = F.conv2d(xq, w_fq.reshape(conv.weight.shape), conv.bias.double(), conv.stride, conv.padding)
+    else:
+        cols = F.unfold(x, conv.kernel_size, conv.dilation, conv.padding, conv.stride).transpose(1, 2)
+        ref = (_act_quant_f64(cols) @ w_fq.t() + conv.bias.double()).transpose(1, 2).reshape(conv(x).shape)
+    y = mod(x)
+    assert y.shape == conv(x).shape and y.is_contiguous()
+    torch.testing.assert_close(y.double(), ref, rtol=1e-5, atol=1e-5)
+    meta = WxA8Conv2d(6, 5, conv.kernel_size, conv.stride, conv.padding, weight_bits=bits, static_act=bool(act),
+                      device="meta")  # fmt: skip
+    new = meta.to_empty(device="cpu")
+    new.load_state_dict(mod.state_dict())
+    assert torch.equal(new(x), y)
+    assert f"w{bits}a8" in repr(mod)

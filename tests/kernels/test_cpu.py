@@ -153,3 +153,40 @@ def test_onednn_int8_is_exact_where_it_is_used():
     w[::2] = -127
     out = cpu.int8_scaled_mm_cpu(a, torch.ones(8, 1), K.prepack_int8_weight(w), torch.ones(16), None, torch.float32)
     assert torch.equal(out.double(), a.double() @ w.double().t())
+
+
+def _wxa8_weight(N, Kd, bits):
+    lo = -(2 ** (bits - 1))
+    q = torch.randint(lo, -lo, (N, Kd), dtype=torch.int8)
+    w = {2: K.pack_int2_symmetric, 4: K.pack_int4_symmetric, 8: lambda t: t}[bits](q)
+    return q, w
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("static", [False, True])
+@pytest.mark.parametrize("M,Kd,N", [(1, 64, 96), (64, 1152, 256), (33, 70, 40)])
+def test_wxa8_linear_matches_reference(dtype, bits, static, M, Kd, N):
+    x = (torch.randn(M, Kd) * 2).to(dtype)
+    q, w = _wxa8_weight(N, Kd, bits)
+    w_scale = torch.rand(N) * 0.01 + 1e-3
+    act = (torch.tensor([0.03]), torch.tensor([-9], dtype=torch.int32), K.weight_rowsum(q)) if static else (None,) * 3
+    bias = torch.randn(N).to(dtype) if M % 2 else None
+    out = cpu.wxa8_linear_cpu(x, w, w_scale, bits, *act, bias)
+    ref = reference.wxa8_linear_ref(x, w, w_scale, bits, *act, bias)
+    assert out.dtype == dtype and out.shape == (M, N)
+    assert _rel(out, ref) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("bits", [2, 8])
+def test_wxa8_static_codes_bit_exact_and_int32_exact(bits):
+    """The fused static quantizer (large inputs) equals the reference codes; integer inputs with unit scales give
+    the exact integer product through the zero-point correction."""
+    x = torch.randn(129, 1152) * 3
+    assert x.numel() >= cpu.FUSED_QUANT_MIN_NUMEL
+    s, z = torch.tensor([0.02]), torch.tensor([17], dtype=torch.int32)
+    assert torch.equal(cpu._quantize_static_rows(x, s, z), reference.quantize_static_ref(x, s, z))
+    xi = torch.randint(-128 - 17, 128 - 17, (9, 200))
+    q, w = _wxa8_weight(24, 200, bits)
+    out = K.wxa8_linear(xi.float(), w, torch.ones(24), bits, torch.ones(1), z, K.weight_rowsum(q))
+    assert torch.equal(out.double(), xi.double() @ q.double().t())

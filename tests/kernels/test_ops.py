@@ -84,6 +84,68 @@ def test_weight_only_bad_bits_lists_allowed():
         K.weight_only_linear(x, w4, torch.ones(8, 1), torch.zeros(8, 2), 4)
 
 
+def _wxa8(bits=2, N=8, Kd=64):
+    q = torch.randint(-(2 ** (bits - 1)), 2 ** (bits - 1), (N, Kd), dtype=torch.int8)
+    w = {2: K.pack_int2_symmetric, 4: K.pack_int4_symmetric, 8: lambda t: t}[bits](q)
+    return q, w, torch.rand(N) * 0.01 + 1e-3
+
+
+def test_wxa8_bad_inputs_name_the_argument():
+    x = torch.randn(2, 64)
+    q, w, s = _wxa8()
+    a_s, a_z, rs = torch.tensor([0.1]), torch.tensor([3], dtype=torch.int32), K.weight_rowsum(q)
+    with pytest.raises(ValueError, match=r"w_bits must be one of \(2, 4, 8\), got 5"):
+        K.wxa8_linear(x, w, s, 5)
+    with pytest.raises(ValueError, match="w_rowsum .* is required with static activations"):
+        K.wxa8_linear(x, w, s, 2, a_s, a_z)
+    with pytest.raises(ValueError, match="a_zero requires a_scale"):
+        K.wxa8_linear(x, w, s, 2, None, a_z)
+    with pytest.raises(ValueError, match="w_rowsum is only used with static"):
+        K.wxa8_linear(x, w, s, 2, None, None, rs)
+    with pytest.raises(ValueError, match=r"w must have shape \(N, ceil\(K \* 2 / 8\)\) = \(8, 8\)"):
+        K.wxa8_linear(torch.randn(2, 32), w, s, 2)
+    with pytest.raises(TypeError, match="w must have dtype in \\(int8\\)"):
+        K.wxa8_linear(x, w, s, 8)
+    with pytest.raises(ValueError, match=r"a_scale must have shape \(1,\)"):
+        K.wxa8_linear(x, w, s, 2, torch.ones(2), a_z, rs)
+    with pytest.raises(TypeError, match="a_zero must have dtype"):
+        K.wxa8_linear(x, w, s, 2, a_s, torch.tensor([3]), rs)
+    with pytest.raises(ValueError, match=r"a_zero must be in \[-128, 127\]"):
+        K.wxa8_linear(x, w, s, 2, a_s, torch.tensor([200], dtype=torch.int32), rs)
+    with pytest.raises(ValueError, match=r"w_rowsum must have shape \(8,\)"):
+        K.wxa8_linear(x, w, s, 2, a_s, a_z, rs[:4])
+    with pytest.raises(ValueError, match=r"w_scale must have shape \(8,\)"):
+        K.wxa8_linear(x, w, s[:4], 2)
+    with pytest.raises(TypeError, match="q_w must have dtype"):
+        K.weight_rowsum(w)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_wxa8_opcheck_and_fake(bits):
+    q, w, s = _wxa8(bits, Kd=70 if bits != 8 else 64)
+    x = torch.randn(2, 3, q.shape[1])
+    static = (torch.tensor([0.05]), torch.tensor([-4], dtype=torch.int32), K.weight_rowsum(q))
+    torch.library.opcheck(torch.ops.effalg.wxa8_linear.default, (x, w, s, bits, None, None, None, torch.randn(8)))
+    torch.library.opcheck(torch.ops.effalg.wxa8_linear.default, (x.bfloat16(), w, s, bits, *static, None))
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode(allow_non_fake_inputs=True):
+        y = torch.ops.effalg.wxa8_linear(torch.empty(2, 3, q.shape[1], dtype=torch.float16), w, s, bits, *static, None)
+    assert y.shape == (2, 3, 8) and y.dtype == torch.float16
+
+
+def test_wxa8_compiles_fullgraph():
+    torch._dynamo.reset()
+    q, w, s = _wxa8(4)
+    static = (torch.tensor([0.05]), torch.tensor([7], dtype=torch.int32), K.weight_rowsum(q))
+    x = torch.randn(4, 64)
+
+    def f(x):
+        return K.wxa8_linear(x, w, s, 4, *static) + K.wxa8_linear(x, w, s, 4)
+
+    assert torch.allclose(torch.compile(f, fullgraph=True)(x), f(x))
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a second device")
 def test_device_mismatch_names_argument():
     w, s = _w8()

@@ -1,7 +1,14 @@
 import pytest
 import torch
 
-from effalg.kernels import pack_bits, pack_int4_symmetric, unpack_bits, unpack_int4_symmetric
+from effalg.kernels import (
+    pack_bits,
+    pack_int2_symmetric,
+    pack_int4_symmetric,
+    unpack_bits,
+    unpack_int2_symmetric,
+    unpack_int4_symmetric,
+)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -38,3 +45,18 @@ def test_bad_inputs():
         pack_bits(torch.full((4,), 16, dtype=torch.uint8), 4)
     with pytest.raises(ValueError, match="packed"):
         unpack_bits(torch.zeros(3, dtype=torch.uint8), 4, 8)
+
+
+def test_int2_symmetric():
+    for K in (1, 5, 8, 13, 64):
+        q = torch.randint(-2, 2, (4, K), dtype=torch.int8, generator=torch.Generator().manual_seed(K))
+        p = pack_int2_symmetric(q)
+        assert p.shape == (4, (K + 3) // 4)
+        assert torch.equal(p, pack_bits((q + 2).to(torch.uint8), 2))  # same layout as the generic 2-bit packing
+        assert torch.equal(unpack_int2_symmetric(p, K), q)
+    # code k at bits 2 * (k % 4): q = [-2, -1, 0, 1] -> u = [0, 1, 2, 3] -> 0b11_10_01_00
+    assert pack_int2_symmetric(torch.tensor([-2, -1, 0, 1], dtype=torch.int8)).tolist() == [0b11100100]
+    with pytest.raises(ValueError, match=r"q must be in \[-2, 1\]"):
+        pack_int2_symmetric(torch.tensor([2], dtype=torch.int8))
+    with pytest.raises(TypeError, match="q must be int8"):
+        pack_int2_symmetric(torch.tensor([0], dtype=torch.uint8))

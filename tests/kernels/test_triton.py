@@ -230,6 +230,89 @@ def test_int8_gemms_reject_k_tiles_a_gpu_cannot_compile(block_k):
         tk.triton_int8_scaled_mm(a, torch.ones(2, 1), a, torch.ones(2), None, torch.float32, block_k=block_k)
 
 
+# ---------------------------------------------------------------------------------------------------- wxa8_linear
+
+
+def _wxa8_weight(N: int, K: int, bits: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(int8 codes [N, K], the packed weight) for w_bits in {2, 4, 8}."""
+    lo = -(2 ** (bits - 1))
+    q = torch.randint(lo, -lo, (N, K), generator=_gen(seed), dtype=torch.int8)
+    pack = {2: packing.pack_int2_symmetric, 4: packing.pack_int4_symmetric, 8: lambda t: t.clone()}[bits]
+    return q.to(DEVICE), pack(q).to(DEVICE)
+
+
+def _static_args(q: torch.Tensor, scale: float, zero: int):
+    return (
+        torch.tensor([scale], device=DEVICE),
+        torch.tensor([zero], dtype=torch.int32, device=DEVICE),
+        q.sum(1, dtype=torch.int32),
+    )
+
+
+WXA8_BITS = [2, 4, 8]
+
+
+@pytest.mark.parametrize("bits", WXA8_BITS)
+@pytest.mark.parametrize("K", [70, 35])  # 35: ragged last byte (padding codes) for 2 and 4 bits
+def test_wxa8_static_zero_point_exact(bits, K):
+    # Integer activations with a_scale = 1 quantize to x + zero exactly; the folded zero point (a_zero * w_rowsum)
+    # must give back the exact integer product x @ q_w^T.
+    M, N, zero = 5, 33, 37
+    xi = torch.randint(-128 - zero, 128 - zero, (M, K), generator=_gen(90))
+    qw, wp = _wxa8_weight(N, K, bits, 91)
+    a_scale, a_zero, rs = _static_args(qw, 1.0, zero)
+    y = tk.triton_wxa8_linear(
+        xi.float().to(DEVICE), wp, torch.ones(N, device=DEVICE), bits, a_scale, a_zero, rs, None,
+        block_m=BLK, block_n=BLK, block_k=INT8_BK,
+    )  # fmt: skip
+    assert torch.equal(y.cpu().to(torch.int64), xi.to(torch.int64) @ qw.cpu().to(torch.int64).t())
+
+
+@pytest.mark.parametrize("bits", WXA8_BITS)
+def test_wxa8_dynamic_exact(bits):
+    M, N, K = 5, 33, 70
+    xi = torch.randint(-127, 128, (M, K), generator=_gen(92))
+    xi[:, 0] = 127  # amax = 127: per-token scale exactly 1
+    qw, wp = _wxa8_weight(N, K, bits, 93)
+    y = tk.triton_wxa8_linear(
+        xi.float().to(DEVICE), wp, torch.ones(N, device=DEVICE), bits, None, None, None, None,
+        block_m=BLK, block_n=BLK, block_k=INT8_BK,
+    )  # fmt: skip
+    assert torch.equal(y.cpu().to(torch.int64), xi.to(torch.int64) @ qw.cpu().to(torch.int64).t())
+
+
+@pytest.mark.parametrize("dtype", FLOAT_DTYPES)
+@pytest.mark.parametrize("bits", WXA8_BITS)
+@pytest.mark.parametrize("static", [False, True])
+def test_wxa8_linear_matches_reference(dtype, bits, static):
+    M, N, K = 5, 33, 70
+    x = _randn(M, K, dtype=dtype, seed=94) * 2
+    qw, wp = _wxa8_weight(N, K, bits, 95)
+    w_scale = (torch.rand(N, generator=_gen(96)) * 0.02 + 1e-3).to(DEVICE)
+    act = _static_args(qw, 0.03, -11) if static else (None, None, None)
+    bias = _randn(N, dtype=dtype, seed=97)
+    y = tk.triton_wxa8_linear(x, wp, w_scale, bits, *act, bias, block_m=BLK, block_n=BLK, block_k=INT8_BK)
+    _close(y, reference.wxa8_linear_ref(x, wp, w_scale, bits, *act, bias))
+
+
+def test_wxa8_static_without_zero_point_and_saturation():
+    # a_zero None (symmetric static); values far outside the int8 range saturate to +-128/127 like the reference.
+    M, N, K = 4, 20, 64
+    x = _randn(M, K, seed=98) * 10
+    qw, wp = _wxa8_weight(N, K, 8, 99)
+    w_scale = torch.rand(N, generator=_gen(100)).to(DEVICE)
+    a_scale = torch.tensor([0.05], device=DEVICE)
+    rs = qw.sum(1, dtype=torch.int32)
+    y = tk.triton_wxa8_linear(x, wp, w_scale, 8, a_scale, None, rs, None, block_m=BLK, block_n=BLK, block_k=INT8_BK)
+    _close(y, reference.wxa8_linear_ref(x, wp, w_scale, 8, a_scale, None, rs, None))
+
+
+def test_wxa8_rejects_k_tiles_a_gpu_cannot_compile():
+    _, wp = _wxa8_weight(4, 64, 2, 101)
+    with pytest.raises(ValueError, match=r"wxa8_linear: block_k=16 must be a power of two >= 32"):
+        tk.triton_wxa8_linear(_randn(2, 64, seed=102), wp, torch.ones(4, device=DEVICE), 2, block_k=16)
+
+
 # --------------------------------------------------------------------------------------------- weight_only_linear
 
 
@@ -343,6 +426,17 @@ def test_gemms_run_their_production_block_configuration(M, N):
     )
 
 
+@pytest.mark.parametrize("M,bits,static", [(16, 2, True), (64, 4, False)])
+def test_wxa8_runs_its_production_block_configuration(M, bits, static):
+    """Both tiles of w4a8_gemm_blocks (M <= 16, and 64 x 128 x 64) under the interpreter."""
+    N, K = 72, 256
+    x = _randn(M, K, seed=103)
+    qw, wp = _wxa8_weight(N, K, bits, 104)
+    ws = (torch.rand(N, generator=_gen(105)) * 0.02 + 1e-3).to(DEVICE)
+    act = _static_args(qw, 0.02, 5) if static else (None, None, None)
+    _close(tk.triton_wxa8_linear(x, wp, ws, bits, *act, None), reference.wxa8_linear_ref(x, wp, ws, bits, *act, None))
+
+
 def test_quantize_runs_its_production_configuration():
     x = _randn(3, 1152, seed=84)
     q, s = tk.triton_quantize_per_token(x, 0)
@@ -369,6 +463,9 @@ def test_cuda_wrappers_follow_op_signatures():
     _, wp4 = _int4_weight(N, K, 73)
     ws4 = torch.rand(N, 9, generator=_gen(74)).to(DEVICE) * 0.01
     _close(tk._cuda_w4a8_linear(x, wp4, ws4, 8, None), reference.w4a8_linear_ref(x, wp4, ws4, 8, None))
+    qw2, wp2 = _wxa8_weight(N, K, 2, 76)
+    act = _static_args(qw2, 0.02, 3)
+    _close(tk._cuda_wxa8_linear(x, wp2, ws, 2, *act, None), reference.wxa8_linear_ref(x, wp2, ws, 2, *act, None))
     _, wp, scale, zero = _wo_weight(N, K, 3, 24, 75)
     _close(
         tk._cuda_weight_only_linear(x, wp, scale, zero, 3, 24, None),
@@ -399,7 +496,8 @@ def test_register_installs_cuda_kernels_for_every_op():
         "torch.cuda.is_available = lambda: True\n"
         "import effalg.kernels.triton as t\n"
         "assert t.register() is True and t.register() is True\n"
-        "for op in ('quantize_per_token', 'int8_scaled_mm', 'w8a8_linear', 'w4a8_linear', 'weight_only_linear'):\n"
+        "for op in ('quantize_per_token', 'int8_scaled_mm', 'w8a8_linear', 'w4a8_linear', 'wxa8_linear',\n"
+        "           'weight_only_linear'):\n"
         "    assert torch._C._dispatch_has_kernel_for_dispatch_key(f'effalg::{op}', 'CUDA'), op\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True, timeout=120)

@@ -9,7 +9,7 @@ programs GPUs reject):
   launches anything outside it).
 
 A launch fails on a compile error, on register spills in a production configuration, or when a GEMM / attention
-kernel's PTX lacks the tensor-core instruction of its operand type (int8 MMA for the int8/int4 GEMMs, bf16/fp16 MMA
+kernel's PTX lacks the tensor-core instruction of its operand type (int8 MMA for the int8/int4/int2 GEMMs, bf16/fp16 MMA
 for the weight-only GEMM and MoA attention). The table printed on failure (and by
 ``python -m effalg.kernels.triton.aot report``) lists registers, spills, shared memory and mma/wgmma per launch.
 """
@@ -37,13 +37,14 @@ KERNELS = [
     "_quantize_kernel",
     "_int8_mm_kernel",
     "_w4a8_kernel",
+    "_wxa8_kernel",
     "_wo_gemm_kernel",
     "_wo_gemv_kernel",
     "_smooth_hadamard_kernel",
     "_prefill_kernel",
     "_decode_kernel",
 ]
-MMA_KERNELS = {"_int8_mm_kernel", "_w4a8_kernel", "_wo_gemm_kernel", "_prefill_kernel"}
+MMA_KERNELS = {"_int8_mm_kernel", "_w4a8_kernel", "_wxa8_kernel", "_wo_gemm_kernel", "_prefill_kernel"}
 
 
 def _compile_in_subprocess(kernel: str, tmp_path: Path) -> list[CompileResult]:
@@ -96,6 +97,7 @@ def test_expected_mma_follows_the_operand_type():
 
     assert expected_mma(mk("_int8_mm_kernel")) == "int8"
     assert expected_mma(mk("_w4a8_kernel")) == "int8"
+    assert expected_mma(mk("_wxa8_kernel", W_BITS=2)) == "int8"
     assert expected_mma(mk("_wo_gemm_kernel", DOT_DTYPE="tl.bf16")) == "bf16"
     assert expected_mma(mk("_prefill_kernel", DOT_DTYPE="tl.fp16")) == "fp16"
     assert expected_mma(mk("_prefill_kernel", DOT_DTYPE="tl.fp32", INPUT_PRECISION="ieee")) is None

@@ -14,7 +14,9 @@ from .attention import moa_decode_attention, moa_prefill_attention
 from .ops import (
     MAX_HADAMARD_BLOCK,
     MAX_INT8_K,
+    MAX_INT8_ZP_K,
     WEIGHT_ONLY_BITS,
+    WXA8_BITS,
     hadamard_block_size,
     int8_scaled_mm,
     prepack_int8_weight,
@@ -24,8 +26,19 @@ from .ops import (
     w4a8_linear,
     w8a8_linear,
     weight_only_linear,
+    weight_rowsum,
+    wxa8_linear,
 )
-from .packing import SUPPORTED_BITS, pack_bits, pack_int4_symmetric, packed_size, unpack_bits, unpack_int4_symmetric
+from .packing import (
+    SUPPORTED_BITS,
+    pack_bits,
+    pack_int2_symmetric,
+    pack_int4_symmetric,
+    packed_size,
+    unpack_bits,
+    unpack_int2_symmetric,
+    unpack_int4_symmetric,
+)
 
 _cpu.register()
 _attention_cpu.register()
@@ -39,23 +52,29 @@ configure_allocator = _cpu.configure_allocator
 __all__ = [
     "MAX_HADAMARD_BLOCK",
     "MAX_INT8_K",
+    "MAX_INT8_ZP_K",
     "SUPPORTED_BITS",
     "WEIGHT_ONLY_BITS",
+    "WXA8_BITS",
     "configure_allocator",
     "hadamard_block_size",
     "int8_scaled_mm",
     "moa_decode_attention",
     "moa_prefill_attention",
     "pack_bits",
+    "pack_int2_symmetric",
     "pack_int4_symmetric",
     "packed_size",
     "prepack_int8_weight",
     "quantize_per_token",
     "smooth_hadamard",
     "unpack_bits",
+    "unpack_int2_symmetric",
     "unpack_int4_symmetric",
     "unpack_int8_weight",
     "w4a8_linear",
     "w8a8_linear",
     "weight_only_linear",
+    "weight_rowsum",
+    "wxa8_linear",
 ]

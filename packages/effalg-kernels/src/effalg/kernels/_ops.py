@@ -20,6 +20,7 @@ __all__ = [
     "w8a8_linear",
     "w4a8_linear",
     "weight_only_linear",
+    "wxa8_linear",
     "smooth_hadamard",
 ]
 
@@ -92,6 +93,25 @@ def weight_only_linear(
 
 @weight_only_linear.register_fake
 def _(x, w, scale, zero, bits, group_size, bias):
+    return torch.empty((*x.shape[:-1], w.shape[0]), dtype=x.dtype, device=x.device)
+
+
+@torch.library.custom_op("effalg::wxa8_linear", mutates_args=())
+def wxa8_linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_bits: int,
+    a_scale: Optional[torch.Tensor],
+    a_zero: Optional[torch.Tensor],
+    w_rowsum: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+) -> torch.Tensor:
+    return _ref.wxa8_linear_ref(x, w, w_scale, w_bits, a_scale, a_zero, w_rowsum, bias)
+
+
+@wxa8_linear.register_fake
+def _(x, w, w_scale, w_bits, a_scale, a_zero, w_rowsum, bias):
     return torch.empty((*x.shape[:-1], w.shape[0]), dtype=x.dtype, device=x.device)
 
 

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 
 from .packing import unpack_bits, unpack_int4_symmetric
-from .reference import quantize_groups
+from .reference import quantize_groups, quantize_static_ref, unpack_wxa8_weight
 
 logger = logging.getLogger(__name__)
 
@@ -198,6 +198,61 @@ def w4a8_linear_cpu(
     return y.reshape(*x.shape[:-1], N)
 
 
+_fused_static = None
+
+
+def _quantize_static_rows(x2: torch.Tensor, a_scale: torch.Tensor, a_zero: Optional[torch.Tensor]) -> torch.Tensor:
+    """Static per-tensor int8 codes of ``x2`` in one fused pass (inductor) for large inputs, else eager."""
+    global _fused_static
+    if x2.numel() >= FUSED_QUANT_MIN_NUMEL and _fused_quantizer() is not False:
+        if _fused_static is None:
+            _fused_static = torch.compile(quantize_static_ref, dynamic=True)
+        if _fused_static is not False:
+            try:
+                return _fused_static(x2, a_scale, a_zero)
+            except Exception as e:  # e.g. no C++ compiler on this machine
+                logger.warning("effalg: fused CPU static quantization failed (%s); using eager ops", e)
+                _fused_static = False
+    return quantize_static_ref(x2, a_scale, a_zero)
+
+
+#: Largest K for which ``(qa - a_zero) @ qw.T`` stays inside int32 (``|qa - z| <= 255``, ``|qw| <= 128``).
+_ZP_INT32_K = (2**31 - 1) // (255 * 128)
+
+
+def wxa8_linear_cpu(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_bits: int,
+    a_scale: Optional[torch.Tensor],
+    a_zero: Optional[torch.Tensor],
+    w_rowsum: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+) -> torch.Tensor:
+    """Quantize (per token, or static per tensor in one pass), unpack 2/4-bit codes to int8, ``torch._int_mm``,
+    then one epilogue pass (the zero-point correction is an exact int32 subtraction of ``a_zero * w_rowsum``)."""
+    K = x.shape[-1]
+    N = w.shape[0]
+    x2 = x.reshape(-1, K)
+    qw = unpack_wxa8_weight(w, w_bits, K)  # int8 [N, K]; 2/4-bit bytes are what is stored
+    if a_scale is None:
+        qa, sa = _quantize_rows(x2, 0)
+        y = int8_scaled_mm_cpu(qa, sa, qw, w_scale, bias, x.dtype)
+        return y.reshape(*x.shape[:-1], N)
+    qa = _quantize_static_rows(x2, a_scale, a_zero)
+    acc = _int32_gemm(qa, qw)
+    if a_zero is not None:
+        zr = a_zero.to(torch.int32) * w_rowsum.to(torch.int32)
+        acc = acc.sub_(zr) if K <= _ZP_INT32_K else acc.to(torch.float64).sub_(zr)
+    s = (a_scale.to(torch.float32) * w_scale.to(torch.float32)).reshape(1, N)
+    if bias is None:
+        y = torch.mul(acc, s)  # int32 * fp32 -> fp32
+    else:
+        y = torch.addcmul(bias.to(torch.float32), acc, s)
+    return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+
 def weight_only_linear_cpu(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -231,6 +286,7 @@ def register() -> None:
         ("w8a8_linear", w8a8_linear_cpu),
         ("w4a8_linear", w4a8_linear_cpu),
         ("weight_only_linear", weight_only_linear_cpu),
+        ("wxa8_linear", wxa8_linear_cpu),
         ("smooth_hadamard", smooth_hadamard_cpu),
     ]:
         torch.library.register_kernel(f"effalg::{name}", "cpu", fn)

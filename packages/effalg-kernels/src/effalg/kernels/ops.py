@@ -23,6 +23,10 @@ __all__ = [
     "w8a8_linear",
     "w4a8_linear",
     "weight_only_linear",
+    "WXA8_BITS",
+    "MAX_INT8_ZP_K",
+    "weight_rowsum",
+    "wxa8_linear",
     "prepack_int8_weight",
     "unpack_int8_weight",
     "MAX_HADAMARD_BLOCK",
@@ -229,6 +233,85 @@ def weight_only_linear(
     _check_bias(fn, bias, N)
     _same_device(fn, x, w=w, scale=scale, zero=zero, bias=bias)
     return torch.ops.effalg.weight_only_linear(x, w, scale, zero, bits, group_size, bias)
+
+
+#: Weight bit widths of :func:`wxa8_linear`.
+WXA8_BITS = (2, 4, 8)
+
+#: Largest K for static activations with a zero point: ``|qa - a_zero| <= 255`` times ``|qw| <= 128`` summed in int32.
+MAX_INT8_ZP_K = (2**31 - 1) // (255 * 128)  # 65793
+
+
+def weight_rowsum(q_w: torch.Tensor) -> torch.Tensor:
+    """``int32[N]`` row sums ``sum_k q_w[n, k]`` of int8 weight codes ``q_w[N, K]`` (the ``w_rowsum`` of
+    :func:`wxa8_linear`, folding the activation zero point into the epilogue)."""
+    _tensor("weight_rowsum", "q_w", q_w, dtypes=(torch.int8,), ndim=2)
+    return q_w.sum(dim=1, dtype=torch.int32)
+
+
+def wxa8_linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_bits: int,
+    a_scale: Optional[torch.Tensor] = None,
+    a_zero: Optional[torch.Tensor] = None,
+    w_rowsum: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """MixDQ W8A8 / W4A8 / W2A8 linear (int8 x int8 GEMM, int32 accumulation), output in x's dtype.
+
+    ``w``: per-output-channel symmetric codes, plain ``int8[N, K]`` (8 bits) or ``uint8[N, ceil(K * w_bits / 8)]``
+    (4 bits: :func:`~effalg.kernels.pack_int4_symmetric`; 2 bits: :func:`~effalg.kernels.pack_int2_symmetric`);
+    ``w_scale``: ``float32[N]``. ``a_scale is None``: dynamic per-token int8 activations (``a_zero`` and
+    ``w_rowsum`` must be None). Otherwise static per-tensor asymmetric: ``a_scale`` ``float32[1]``, ``a_zero``
+    ``int32[1]`` in [-128, 127] or None, ``w_rowsum`` ``int32[N]`` (:func:`weight_rowsum`) required.
+    """
+    fn = "wxa8_linear"
+    if isinstance(w_bits, bool) or w_bits not in WXA8_BITS:
+        raise ValueError(f"{fn}: w_bits must be one of {WXA8_BITS}, got {w_bits!r}")
+    _tensor(fn, "x", x, dtypes=_FLOATS)
+    if x.dim() < 1 or x.shape[-1] == 0:
+        raise ValueError(f"{fn}: x must have a non-empty last dim, got shape {tuple(x.shape)}")
+    K = int(x.shape[-1])
+    _tensor(fn, "w", w, dtypes=(torch.int8,) if w_bits == 8 else (torch.uint8,), ndim=2)
+    if w.layout != torch.strided:
+        raise ValueError(f"{fn}: w must be a plain (strided) tensor, got layout {w.layout}")
+    N = int(w.shape[0])
+    if w.shape[1] != packed_size(K, w_bits):
+        raise ValueError(
+            f"{fn}: w must have shape (N, ceil(K * {w_bits} / 8)) = ({N}, {packed_size(K, w_bits)}) for x with "
+            f"K={K}, got {tuple(w.shape)}"
+        )
+    _check_k(fn, K)
+    _tensor(fn, "w_scale", w_scale, dtypes=(torch.float32,), ndim=1)
+    if w_scale.shape[0] != N:
+        raise ValueError(f"{fn}: w_scale must have shape ({N},), got {tuple(w_scale.shape)}")
+    if a_scale is None:
+        if a_zero is not None:
+            raise ValueError(f"{fn}: a_zero requires a_scale (static activations); a_scale is None (dynamic)")
+        if w_rowsum is not None:
+            raise ValueError(f"{fn}: w_rowsum is only used with static activations (a_scale is None)")
+    else:
+        _tensor(fn, "a_scale", a_scale, dtypes=(torch.float32,))
+        if tuple(a_scale.shape) != (1,):
+            raise ValueError(f"{fn}: a_scale must have shape (1,) (per tensor), got {tuple(a_scale.shape)}")
+        if a_zero is not None:
+            _tensor(fn, "a_zero", a_zero, dtypes=(torch.int32,))
+            if tuple(a_zero.shape) != (1,):
+                raise ValueError(f"{fn}: a_zero must have shape (1,) (per tensor), got {tuple(a_zero.shape)}")
+            if K > MAX_INT8_ZP_K:
+                raise ValueError(f"{fn}: K={K} exceeds MAX_INT8_ZP_K={MAX_INT8_ZP_K} for an activation zero point")
+            if a_zero.device.type == "cpu" and not torch.compiler.is_compiling() and not -128 <= int(a_zero) <= 127:
+                raise ValueError(f"{fn}: a_zero must be in [-128, 127], got {int(a_zero)}")
+        if w_rowsum is None:
+            raise ValueError(f"{fn}: w_rowsum (int32[N], see weight_rowsum) is required with static activations")
+        _tensor(fn, "w_rowsum", w_rowsum, dtypes=(torch.int32,), ndim=1)
+        if w_rowsum.shape[0] != N:
+            raise ValueError(f"{fn}: w_rowsum must have shape ({N},), got {tuple(w_rowsum.shape)}")
+    _check_bias(fn, bias, N)
+    _same_device(fn, x, w=w, w_scale=w_scale, a_scale=a_scale, a_zero=a_zero, w_rowsum=w_rowsum, bias=bias)
+    return torch.ops.effalg.wxa8_linear(x, w, w_scale, w_bits, a_scale, a_zero, w_rowsum, bias)
 
 
 def prepack_int8_weight(w: torch.Tensor) -> torch.Tensor:

@@ -25,6 +25,8 @@ __all__ = [
     "unpack_bits",
     "pack_int4_symmetric",
     "unpack_int4_symmetric",
+    "pack_int2_symmetric",
+    "unpack_int2_symmetric",
 ]
 
 SUPPORTED_BITS = (2, 3, 4, 8)
@@ -136,3 +138,21 @@ def unpack_int4_symmetric(packed: torch.Tensor, K: int) -> torch.Tensor:
     """Inverse of :func:`pack_int4_symmetric`: ``uint8[..., ceil(K / 2)]`` -> ``int8[..., K]`` in ``[-8, 7]``."""
     u = unpack_bits(packed, 4, K)
     return u.view(torch.int8).sub_(8)  # codes < 16, so the int8 view reads the same values
+
+
+def pack_int2_symmetric(q: torch.Tensor) -> torch.Tensor:
+    """Pack symmetric int2 values ``int8[..., K]`` in ``[-2, 1]`` as codes ``u = q + 2`` (2-bit layout: four per
+    byte, code ``k`` at bits ``2 * (k % 4)``)."""
+    if not isinstance(q, torch.Tensor):
+        raise TypeError(f"pack_int2_symmetric: q must be a torch.Tensor, got {type(q).__name__}")
+    if q.dtype != torch.int8:
+        raise TypeError(f"pack_int2_symmetric: q must be int8, got {q.dtype}")
+    if q.numel() and (int(q.min()) < -2 or int(q.max()) > 1):
+        raise ValueError(f"pack_int2_symmetric: q must be in [-2, 1], got [{int(q.min())}, {int(q.max())}]")
+    return pack_bits((q + 2).to(torch.uint8), 2)
+
+
+def unpack_int2_symmetric(packed: torch.Tensor, K: int) -> torch.Tensor:
+    """Inverse of :func:`pack_int2_symmetric`: ``uint8[..., ceil(K / 4)]`` -> ``int8[..., K]`` in ``[-2, 1]``."""
+    u = unpack_bits(packed, 2, K)
+    return u.view(torch.int8).sub_(2)

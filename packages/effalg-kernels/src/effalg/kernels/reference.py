@@ -13,7 +13,7 @@ from typing import Optional
 
 import torch
 
-from .packing import unpack_bits, unpack_int4_symmetric
+from .packing import unpack_bits, unpack_int2_symmetric, unpack_int4_symmetric
 
 __all__ = [
     "quantize_groups",
@@ -22,6 +22,9 @@ __all__ = [
     "w8a8_linear_ref",
     "w4a8_linear_ref",
     "weight_only_linear_ref",
+    "unpack_wxa8_weight",
+    "quantize_static_ref",
+    "wxa8_linear_ref",
     "dense_int8_weight",
     "hadamard_matrix_ref",
     "smooth_hadamard_ref",
@@ -116,6 +119,61 @@ def w4a8_linear_ref(
         "mgk,ngk->mng", qa.to(torch.float64).reshape(-1, G, gs), qw.to(torch.float64).reshape(N, G, gs)
     )  # exact integer partial sums per group
     y = (acc * w_scale.to(torch.float64).reshape(1, N, G)).sum(-1) * sa.to(torch.float64).reshape(-1, 1)
+    if bias is not None:
+        y = y + bias.to(torch.float64)
+    return y.to(x.dtype).reshape(*x.shape[:-1], N)
+
+
+def unpack_wxa8_weight(w: torch.Tensor, w_bits: int, K: int) -> torch.Tensor:
+    """``int8[N, K]`` symmetric codes of a ``wxa8_linear`` weight: plain int8 (8 bits), or packed ``uint8`` with
+    codes ``q + 8`` (4 bits, two per byte) / ``q + 2`` (2 bits, four per byte)."""
+    if w_bits == 8:
+        return w
+    if w_bits == 4:
+        return unpack_int4_symmetric(w, K)
+    return unpack_int2_symmetric(w, K)
+
+
+def quantize_static_ref(x: torch.Tensor, a_scale: torch.Tensor, a_zero: Optional[torch.Tensor]) -> torch.Tensor:
+    """Static per-tensor asymmetric int8: ``clamp(round(x / a_scale) + a_zero, -128, 127)`` (float32 IEEE division,
+    round half to even). Only plain torch ops, so it traces and fuses under ``torch.compile``."""
+    v = torch.round(x.to(torch.float32) / a_scale.to(torch.float32))
+    if a_zero is not None:
+        v = v + a_zero.to(torch.float32)  # |round(v)| >= 2**24 is clamped below anyway
+    return v.clamp(-128, 127).to(torch.int8)
+
+
+def wxa8_linear_ref(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_bits: int,
+    a_scale: Optional[torch.Tensor] = None,
+    a_zero: Optional[torch.Tensor] = None,
+    w_rowsum: Optional[torch.Tensor] = None,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """MixDQ W{8,4,2}A8 linear: per-output-channel symmetric ``w_bits``-bit weights (:func:`unpack_wxa8_weight`).
+
+    ``a_scale is None``: dynamic per-token activations, ``y = (qa @ qw.T) * sa[m] * w_scale[n] + bias``.
+    Otherwise static per-tensor asymmetric ``qa = quantize_static_ref(x, a_scale, a_zero)`` and
+    ``y = (qa @ qw.T - a_zero * w_rowsum[n]) * a_scale * w_scale[n] + bias`` (``w_rowsum = qw.sum(1)``). Integer
+    parts exact, epilogue in float64, rounded once to ``x.dtype``.
+    """
+    K = x.shape[-1]
+    N = w.shape[0]
+    x2 = x.reshape(-1, K)
+    qw = unpack_wxa8_weight(w, w_bits, K).to(torch.float64)
+    if a_scale is None:
+        qa, sa = quantize_per_token_ref(x2, 0)
+        y = (qa.to(torch.float64) @ qw.t()) * sa.to(torch.float64).reshape(-1, 1)
+    else:
+        qa = quantize_static_ref(x2, a_scale, a_zero)
+        acc = qa.to(torch.float64) @ qw.t()  # exact integer sums
+        if a_zero is not None:
+            acc = acc - a_zero.to(torch.float64) * w_rowsum.to(torch.float64).reshape(1, N)
+        y = acc * a_scale.to(torch.float64)
+    y = y * w_scale.to(torch.float64).reshape(1, N)
     if bias is not None:
         y = y + bias.to(torch.float64)
     return y.to(x.dtype).reshape(*x.shape[:-1], N)

@@ -1,8 +1,8 @@
 """Quantized modules holding packed integer weights (compute through ``effalg.kernels``)."""
 
 from .base import QuantModuleBase, memory_footprint, prepack_model_, unpack_model_
-from .conv import QuantConv2d, W8A8Conv2d
-from .linear import QuantLinear, W4A8Linear, W8A8Linear, WeightOnlyLinear
+from .conv import QuantConv2d, W8A8Conv2d, WxA8Conv2d
+from .linear import QuantLinear, W4A8Linear, W8A8Linear, WeightOnlyLinear, WxA8Linear
 
 __all__ = [
     "QuantModuleBase",
@@ -10,8 +10,10 @@ __all__ = [
     "W8A8Linear",
     "W4A8Linear",
     "WeightOnlyLinear",
+    "WxA8Linear",
     "QuantConv2d",
     "W8A8Conv2d",
+    "WxA8Conv2d",
     "memory_footprint",
     "prepack_model_",
     "unpack_model_",

@@ -1,4 +1,5 @@
-"""Quantized 2-D convolution (W8A8) computed as im2col + ``effalg.kernels.w8a8_linear``.
+"""Quantized 2-D convolutions computed as im2col + ``effalg.kernels.w8a8_linear`` (W8A8Conv2d) or
+``effalg.kernels.wxa8_linear`` (WxA8Conv2d, MixDQ W8A8 / W4A8 / W2A8, static or dynamic activations).
 
 ``qweight`` is stored flattened as ``int8 [O, I * kh * kw]`` (the ``F.unfold`` column order), ``weight_scale`` fp32
 ``[O]``, ``bias`` ``[O]``, optional ``smooth_scale`` fp32 ``[I]`` (applied on the channel dim). Activations are
@@ -19,9 +20,10 @@ import effalg.kernels as _K
 
 from ..quant.spec import Granularity, QuantSpec, compute_qparams, dequantize, quantize
 from ._int8 import Int8PrepackMixin
+from ._wxa8 import WXA8_FP32_BUFFERS, WxA8Mixin
 from .base import QuantModuleBase, _check_smooth_scale
 
-__all__ = ["QuantConv2d", "W8A8Conv2d"]
+__all__ = ["QuantConv2d", "W8A8Conv2d", "WxA8Conv2d"]
 
 
 class QuantConv2d(QuantModuleBase):
@@ -178,3 +180,60 @@ class W8A8Conv2d(Int8PrepackMixin, QuantConv2d):
 
     def _repr_extra(self) -> str:
         return f"w8a8, prepacked={self._prepacked}"
+
+
+class WxA8Conv2d(WxA8Mixin, QuantConv2d):
+    """MixDQ W8A8 / W4A8 / W2A8 convolution: im2col + ``effalg.kernels.wxa8_linear``. ``qweight`` holds the
+    flattened ``[O, I * kh * kw]`` codes (int8, or packed uint8 for 2/4 bits); static activations quantize the
+    zero padding to ``act_zero``, which the ``weight_rowsum`` correction cancels (MixDQ's padding propagation)."""
+
+    _fp32_buffers: ClassVar[tuple[str, ...]] = WXA8_FP32_BUFFERS
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size, stride=1, padding=0, dilation=1,
+                 bias: bool = True, *, weight_bits: int = 8, static_act: bool = False, has_smooth_scale: bool = False,
+                 device: Any = None, dtype: torch.dtype | None = None) -> None:  # fmt: skip
+        super().__init__(in_channels, out_channels, kernel_size, stride, padding, dilation, bias,
+                         has_smooth_scale=has_smooth_scale, device=device, dtype=dtype)  # fmt: skip
+        self._init_wxa8(out_channels, self.reduction_size, weight_bits, static_act, device)
+
+    @classmethod
+    def from_float(
+        cls,
+        conv: nn.Conv2d,
+        *,
+        weight_bits: int = 8,
+        act_scale: Any = None,
+        act_zero: Any = None,
+        smooth_scale: torch.Tensor | None = None,
+    ) -> WxA8Conv2d:
+        """Quantize an ``nn.Conv2d`` (per output channel, symmetric, ``weight_bits`` in {2, 4, 8}); ``act_scale`` /
+        ``act_zero`` as in :meth:`WxA8Linear.from_float`; ``smooth_scale`` as in :meth:`W8A8Conv2d.from_float`."""
+        cls._check_conv(conv)
+        if act_scale is None and act_zero is not None:
+            raise ValueError(f"{cls.__name__}.from_float: act_zero requires act_scale")
+        w = conv.weight.detach().float()
+        if smooth_scale is not None:
+            s = _check_smooth_scale(smooth_scale, conv.in_channels, f"{cls.__name__}.from_float")
+            w = w / s.to(device=w.device, dtype=torch.float32).reshape(1, -1, 1, 1)
+        mod = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, conv.padding, conv.dilation,
+                  conv.bias is not None, weight_bits=weight_bits, device=conv.weight.device,
+                  dtype=conv.weight.dtype)  # fmt: skip
+        mod._set_wxa8_weight(w.reshape(conv.out_channels, -1))
+        if act_scale is not None:
+            mod.set_act_qparams(act_scale, act_zero)
+        if conv.bias is not None:
+            mod.bias.data.copy_(conv.bias.detach())
+        if smooth_scale is not None:
+            mod.set_smooth_scale(smooth_scale)
+        return mod
+
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Float ``[O, I, kh, kw]`` weight applied to the preprocessed input (for tests/debug)."""
+        return self._dequantized_2d(dtype).reshape(self.out_channels, self.in_channels, *self.kernel_size)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        rows, size = self._unfold(self.preprocess_input(x))
+        return self._fold_output(self._wxa8(rows), size)
+
+    def _repr_extra(self) -> str:
+        return self._wxa8_repr()

@@ -8,9 +8,12 @@ module             ``qweight``                     ``weight_scale`` (fp32)      
 W8A8Linear         int8 ``[N, K]``                 ``[N]``                                 --
 W4A8Linear         uint8 ``[N, K // 2]``           ``[N, G]``                              --
 WeightOnlyLinear   uint8 ``[N, ceil(K*bits/8)]``   ``[N, G]``                              ``[N, G]``
+WxA8Linear         int8 ``[N, K]`` / uint8 packed  ``[N]``                                 --
 =================  ==============================  ======================================  ===========================
 
 plus ``bias`` (float ``[N]``, a frozen Parameter, in the model dtype) and optional ``smooth_scale`` (fp32 ``[K]``).
+``WxA8Linear`` with static activations also holds ``weight_rowsum`` (int32 ``[N]``), ``act_scale`` (fp32 ``[1]``)
+and ``act_zero`` (int32 ``[1]``).
 ``G = 1`` for per-output-channel scales (``group_size == 0``) else ``K // group_size``.
 """
 
@@ -27,9 +30,10 @@ from effalg.kernels.packing import pack_bits, pack_int4_symmetric, packed_size, 
 from ..quant.rotation import HadamardRotation
 from ..quant.spec import Granularity, QuantSpec, compute_qparams, dequantize, quantize
 from ._int8 import Int8PrepackMixin
+from ._wxa8 import WXA8_FP32_BUFFERS, WxA8Mixin
 from .base import QuantModuleBase, _check_smooth_scale
 
-__all__ = ["QuantLinear", "W8A8Linear", "W4A8Linear", "WeightOnlyLinear"]
+__all__ = ["QuantLinear", "W8A8Linear", "W4A8Linear", "WeightOnlyLinear", "WxA8Linear"]
 
 
 def _check_dims(owner: str, in_features: Any, out_features: Any) -> None:
@@ -408,3 +412,75 @@ class WeightOnlyLinear(QuantLinear):
 
     def _repr_extra(self) -> str:
         return f"w{self.bits}a16, group_size={self.group_size}, symmetric={self.symmetric}"
+
+
+class WxA8Linear(WxA8Mixin, QuantLinear):
+    """MixDQ W8A8 / W4A8 / W2A8 linear (``effalg.kernels.wxa8_linear``): symmetric per-output-channel
+    ``weight_bits``-bit weights (2-bit packed four per byte) x int8 activations, static per-tensor asymmetric
+    (``act_scale``, ``act_zero``, folded into the epilogue through ``weight_rowsum``) or dynamic per token."""
+
+    _fp32_buffers: ClassVar[tuple[str, ...]] = WXA8_FP32_BUFFERS
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        weight_bits: int = 8,
+        static_act: bool = False,
+        has_smooth_scale: bool = False,
+        input_rotation_block: int | None = None,
+        device: Any = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__(
+            in_features,
+            out_features,
+            bias,
+            has_smooth_scale=has_smooth_scale,
+            input_rotation_block=input_rotation_block,
+            device=device,
+            dtype=dtype,
+        )
+        self._init_wxa8(out_features, in_features, weight_bits, static_act, device)
+
+    @classmethod
+    def from_float(
+        cls,
+        linear: nn.Linear,
+        *,
+        weight_bits: int = 8,
+        act_scale: Any = None,
+        act_zero: Any = None,
+        smooth_scale=None,
+        input_transform=None,
+        prepack: bool = True,
+    ) -> WxA8Linear:
+        """Quantize an ``nn.Linear`` (see :meth:`QuantLinear.from_float`). ``act_scale`` (and ``act_zero``, an
+        integer in [-128, 127]) select static per-tensor activations; None: dynamic per token."""
+        mod = super().from_float(
+            linear,
+            smooth_scale=smooth_scale,
+            input_transform=input_transform,
+            weight_bits=weight_bits,
+            static_act=act_scale is not None,
+            prepack=prepack,
+        )
+        if act_scale is not None:
+            mod.set_act_qparams(act_scale, act_zero)
+        elif act_zero is not None:
+            raise ValueError("WxA8Linear.from_float: act_zero requires act_scale")
+        return mod
+
+    def _set_weight_from_float(self, w: torch.Tensor) -> None:
+        self._set_wxa8_weight(w)
+
+    def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        return self._dequantized_2d(dtype)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self._wxa8(self.preprocess_input(x))
+
+    def _repr_extra(self) -> str:
+        return self._wxa8_repr()

@@ -2,9 +2,9 @@
 
 Importing this package never fails: without an importable ``triton`` it only exposes ``HAS_TRITON = False`` and a
 :func:`register` that returns ``False``. With triton, the launchers (``triton_quantize_per_token``,
-``triton_int8_scaled_mm``, ``triton_w8a8_linear``, ``triton_w4a8_linear``, ``triton_weight_only_linear``,
-``triton_smooth_hadamard``) are importable from here and run on CUDA tensors, or on CPU tensors under
-``TRITON_INTERPRET=1`` (tests).
+``triton_int8_scaled_mm``, ``triton_w8a8_linear``, ``triton_w4a8_linear``, ``triton_wxa8_linear``,
+``triton_weight_only_linear``, ``triton_smooth_hadamard``) are importable from here and run on CUDA tensors, or
+on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
 
 :func:`register` installs them as the ``"cuda"`` kernels of ``torch.ops.effalg.*`` (weights in the canonical plain
 layouts), only when CUDA is available.
@@ -35,12 +35,14 @@ if HAS_TRITON:
     from .quantize import triton_quantize_per_token
     from .w4a8 import triton_w4a8_linear
     from .weight_only import triton_weight_only_linear
+    from .wxa8 import triton_wxa8_linear
 
     __all__ += [
         "triton_quantize_per_token",
         "triton_int8_scaled_mm",
         "triton_w8a8_linear",
         "triton_w4a8_linear",
+        "triton_wxa8_linear",
         "triton_weight_only_linear",
         "triton_smooth_hadamard",
     ]
@@ -75,6 +77,19 @@ def _cuda_w4a8_linear(
     x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, group_size: int, bias: Optional[torch.Tensor]
 ) -> torch.Tensor:
     return triton_w4a8_linear(x, w, w_scale, group_size, bias)
+
+
+def _cuda_wxa8_linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    w_scale: torch.Tensor,
+    w_bits: int,
+    a_scale: Optional[torch.Tensor],
+    a_zero: Optional[torch.Tensor],
+    w_rowsum: Optional[torch.Tensor],
+    bias: Optional[torch.Tensor],
+) -> torch.Tensor:
+    return triton_wxa8_linear(x, w, w_scale, w_bits, a_scale, a_zero, w_rowsum, bias)
 
 
 def _cuda_weight_only_linear(
@@ -112,6 +127,7 @@ def register() -> bool:
         ("int8_scaled_mm", _cuda_int8_scaled_mm),
         ("w8a8_linear", _cuda_w8a8_linear),
         ("w4a8_linear", _cuda_w4a8_linear),
+        ("wxa8_linear", _cuda_wxa8_linear),
         ("weight_only_linear", _cuda_weight_only_linear),
         ("smooth_hadamard", _cuda_smooth_hadamard),
     ):

@@ -60,7 +60,7 @@ def expected_mma(launch: Launch) -> str | None:
     """The tensor-core operand type a launch must compile to (``"int8"``, ``"bf16"``, ``"fp16"``, ``"tf32"``), or
     ``None`` for kernels without a matrix product on tensor cores (elementwise, reductions, IEEE fp32 dots)."""
     name = launch.short_name
-    if name in ("_int8_mm_kernel", "_w4a8_kernel"):
+    if name in ("_int8_mm_kernel", "_w4a8_kernel", "_wxa8_kernel"):
         return "int8"
     if name in ("_wo_gemm_kernel", "_prefill_kernel"):
         dot = launch.constexpr("DOT_DTYPE")
@@ -201,6 +201,7 @@ def production_launches(full: bool = False) -> list[Launch]:
     from .quantize import triton_quantize_per_token
     from .w4a8 import triton_w4a8_linear
     from .weight_only import triton_weight_only_linear
+    from .wxa8 import triton_wxa8_linear
 
     with dry_run() as sink:
         for dtype in FLOAT_DTYPES:
@@ -216,6 +217,11 @@ def production_launches(full: bool = False) -> list[Launch]:
                             wp = _meta(N, (K * bits + 7) // 8, dtype=torch.uint8)
                             sz = _meta(N, G, dtype=dtype)
                             triton_weight_only_linear(x, wp, sz, sz, bits, gs, bias)
+                    for bits in (2, 4, 8):
+                        wq = _meta(N, (K * bits + 7) // 8, dtype=torch.int8 if bits == 8 else torch.uint8)
+                        triton_wxa8_linear(x, wq, _meta(N), bits, None, None, None, bias)  # dynamic
+                        a_s, a_z, rs = _meta(1), _meta(1, dtype=torch.int32), _meta(N, dtype=torch.int32)
+                        triton_wxa8_linear(x, wq, _meta(N), bits, a_s, a_z, rs, bias)  # static, zero point
                     triton_quantize_per_token(x, 0)
                     triton_quantize_per_token(x, 128)
             for K in (1152, 4096, 16384):
