@@ -6,6 +6,8 @@ import torch
 import triton
 import triton.language as tl
 
+from .launch import on_gpu
+
 #: Smallest K tile ``tl.dot`` accepts on NVIDIA GPUs, by operand width in bits (Triton's ``min_dot_size``): int8
 #: needs 32, fp16/bf16 16, fp32 (TF32 or IEEE) 8. The interpreter accepts smaller tiles; launchers reject them.
 MIN_DOT_K_BY_BITS = {8: 32, 16: 16, 32: 8}
@@ -25,7 +27,15 @@ def tl_dtype(dtype: torch.dtype):
 
 def min_dot_k(dtype: torch.dtype) -> int:
     """Smallest K tile of a ``tl.dot`` on ``dtype`` operands that compiles for sm_80 / sm_90."""
-    return MIN_DOT_K_BY_BITS[torch.empty((), dtype=dtype).element_size() * 8]
+    return MIN_DOT_K_BY_BITS[dtype.itemsize * 8]
+
+
+def dot_config(x: torch.Tensor):
+    """``(DOT_DTYPE, INPUT_PRECISION)`` of a float ``tl.dot`` on ``x``'s dtype: IEEE fp32 dots for fp32 inputs (exact,
+    no TF32); fp16/bf16 on tensor cores; bf16 in fp32 under the interpreter (its bf16 ``tl.dot`` is wrong)."""
+    if x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and not on_gpu(x)):
+        return tl.float32, "ieee"
+    return tl_dtype(x.dtype), "tf32"
 
 
 def check_dot_k(op: str, block_k: int, dtype: torch.dtype, name: str = "block_k") -> None:

@@ -17,7 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_dot_k, min_dot_k
+from ._common import check_dot_k, dot_config, min_dot_k
 from .launch import launch, on_gpu
 
 __all__ = ["triton_moa_prefill_attention", "triton_moa_decode_attention", "register"]
@@ -101,17 +101,6 @@ def _prefill_kernel(
     tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=q_mask)
 
 
-def _dot_config(x: torch.Tensor):
-    """(DOT_DTYPE, INPUT_PRECISION): IEEE fp32 dots for fp32 inputs; fp32 for bf16 under the interpreter."""
-    from ._common import tl_dtype
-
-    if x.dtype == torch.float32:
-        return tl.float32, "ieee"
-    if not on_gpu(x) and x.dtype == torch.bfloat16:  # the interpreter's bf16 tl.dot is wrong
-        return tl.float32, "ieee"
-    return tl_dtype(x.dtype), "tf32"
-
-
 def triton_moa_prefill_attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -141,7 +130,7 @@ def triton_moa_prefill_attention(
     if block_n is None:
         block_n = 32 if q.dtype == torch.float32 else 64
     check_dot_k("moa_prefill_attention", block_n, q.dtype, "block_n")  # the K dim of p @ v
-    dot_dtype, precision = _dot_config(q)
+    dot_dtype, precision = dot_config(q)
     grid = (triton.cdiv(L, block_m), B * Hq)
     launch(
         _prefill_kernel,

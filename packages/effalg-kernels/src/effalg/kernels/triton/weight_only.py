@@ -22,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ._common import check_dot_k, grouped_pid, min_dot_k, pow2_divisor, tl_dtype, weight_only_gemm_blocks
-from .launch import launch, on_gpu
+from ._common import check_dot_k, dot_config, grouped_pid, min_dot_k, pow2_divisor, tl_dtype, weight_only_gemm_blocks
+from .launch import launch
 
 __all__ = ["triton_weight_only_linear", "GEMV_MAX_M"]
 
@@ -67,7 +67,7 @@ def _wo_gemm_kernel(
     BITS: tl.constexpr,
     HAS_BIAS: tl.constexpr,
     X_DTYPE: tl.constexpr,
-    DOT_DTYPE: tl.constexpr,  # X_DTYPE on GPUs; float32 for bf16 under the interpreter (its bf16 tl.dot is wrong)
+    DOT_DTYPE: tl.constexpr,  # _common.dot_config: X_DTYPE on GPUs for fp16/bf16, float32 otherwise
     INPUT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -242,6 +242,7 @@ def triton_weight_only_linear(
         )
     else:
         check_dot_k("weight_only_linear", gemm_bk, x.dtype)
+        dot_dtype, precision = dot_config(x)
         bm, bn = block_m or bm, block_n or bn
         grid = (triton.cdiv(M, bm) * triton.cdiv(N, bn),)
         launch(
@@ -264,8 +265,8 @@ def triton_weight_only_linear(
             BITS=bits,
             HAS_BIAS=bias is not None,
             X_DTYPE=x_tl,
-            DOT_DTYPE=x_tl if on_gpu(x) or x.dtype != torch.bfloat16 else tl.float32,
-            INPUT_PRECISION="ieee" if x.dtype == torch.float32 or not on_gpu(x) else "tf32",
+            DOT_DTYPE=dot_dtype,
+            INPUT_PRECISION=precision,
             BLOCK_M=bm,
             BLOCK_N=bn,
             BLOCK_K=gemm_bk,
