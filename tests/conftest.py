@@ -6,6 +6,10 @@ import pytest
 # Without CUDA, Triton kernels run through the interpreter on CPU tensors. Set before triton is imported.
 os.environ.setdefault("TRITON_INTERPRET", "1")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+# MKL may lower its thread count under load (MKL_DYNAMIC), which changes float rounding between runs; bit-identical
+# reload checks (also in subprocesses, which inherit this) need a fixed count.
+os.environ.setdefault("MKL_DYNAMIC", "FALSE")
+os.environ.setdefault("OMP_DYNAMIC", "FALSE")
 
 
 @pytest.fixture

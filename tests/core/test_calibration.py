@@ -99,3 +99,45 @@ def test_calibrate_and_save_load(tmp_path):
     # per_call=False keeps only the running max
     s2 = calibrate(run, inputs, modules=net, per_call=False, disable_progress=True)
     assert s2["fc2"].per_call is None and s2.per_call == {}
+
+
+# ---- static activation ranges (MixDQ) -------------------------------------------------------------------------------
+def test_static_act_qparams_maps_range_ends():
+    from effalg.core.calibration import static_act_qparams
+
+    s, z = static_act_qparams(-1.0, 3.0)
+    assert abs(s - 4.0 / 255) < 1e-12 and -128 <= z <= 127
+    assert round(-1.0 / s) + z == -128 and round(3.0 / s) + z == 127
+    s, z = static_act_qparams(0.5, 2.0)  # widened to include 0
+    assert round(0.0 / s) + z == -128
+    assert static_act_qparams(0.0, 0.0) == (1.0, 0)
+    with pytest.raises(ValueError, match="not finite"):
+        static_act_qparams(float("-inf"), 1.0)
+
+
+def test_range_collector_ema_splits_and_skipped_tokens():
+    from effalg.core.calibration import RangeCollector
+
+    lin, conv = nn.Linear(4, 3), nn.Conv2d(6, 2, 1)
+    splits = {}
+    col = RangeCollector({"lin": lin, "conv": conv}, splits=splits, skip_tokens={"lin": 1}, momentum=0.5)
+    with col:
+        x = torch.zeros(1, 3, 4)
+        x[0, 0] = 1000.0  # BOS token: left out
+        x[0, 1:] = torch.tensor([-1.0, 2.0, 0.0, 0.0])
+        lin(x)
+        splits["conv"] = [2, 4]  # filled live (e.g. by an up block's pre-hook)
+        c = torch.zeros(1, 6, 2, 2)
+        c[:, :2] = 5.0
+        c[:, 2:] = -3.0
+        conv(c)
+        lin(x * 3)
+    assert not lin._forward_pre_hooks and not conv._forward_pre_hooks
+    r = col.ranges()
+    torch.testing.assert_close(r["lin"], torch.tensor([[0.5 * -1 + 0.5 * -3, 0.5 * 2 + 0.5 * 6]]))
+    torch.testing.assert_close(r["conv"], torch.tensor([[5.0, 5.0], [-3.0, -3.0]]))
+    with pytest.raises(ValueError, match="momentum"):
+        RangeCollector({"lin": lin}, momentum=1.0)
+    bad = RangeCollector({"conv": conv}, splits={"conv": [1, 1]})
+    with bad, pytest.raises(ValueError, match=r"channel ranges \[1, 1\] do not cover 6"):
+        conv(c)

@@ -440,3 +440,57 @@ def test_wxa8_conv2d_matches_f64_reference(bits, act, kw):
     new.load_state_dict(mod.state_dict())
     assert torch.equal(new(x), y)
     assert f"w{bits}a8" in repr(mod)
+
+
+# ---- MixDQ: BOS-aware projection and input-split convolution ---------------------------------------------------------
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_bos_aware_linear_float_and_precomputed_rows(bits):
+    from effalg.core.modules import BOSAwareWxA8Linear, WxA8Linear
+
+    torch.manual_seed(0)
+    lin = nn.Linear(32, 16)
+    x = torch.randn(2, 6, 32)
+    x[:, 0] = torch.randn(32) * 200  # prompt-independent, huge BOS features
+    fly = BOSAwareWxA8Linear.from_float(lin, weight_bits=bits)
+    pre = BOSAwareWxA8Linear.from_float(lin, weight_bits=bits, act_scale=0.05, act_zero=3, bos_input=x[0, 0])
+    plain = WxA8Linear.from_float(lin, weight_bits=bits)
+    ref = lin(x).detach()
+    torch.testing.assert_close(fly(x)[:, 0], ref[:, 0], rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(pre(x)[:, 0], ref[:, 0], rtol=1e-5, atol=1e-4)
+    assert torch.equal(fly(x)[:, 1:], plain(x[:, 1:]))  # the other tokens: the quantized path
+    assert fly.bos_weight is not None and pre.bos_weight is None and pre.precomputed
+    assert pre.memory_footprint() < fly.memory_footprint()
+    with pytest.raises(ValueError, match="token 0 is not the BOS features"):
+        pre(torch.randn(2, 6, 32))
+    with pytest.raises(ValueError, match=r"expected text tokens"):
+        fly(torch.randn(2, 1, 32))
+    empty = BOSAwareWxA8Linear(32, 16, precomputed=True, weight_bits=bits, static_act=True, device="meta")
+    assert set(empty.state_dict()) == set(pre.state_dict())
+
+
+@pytest.mark.parametrize("bits", [8, 4, 2])
+def test_input_split_conv_is_sum_of_range_convs(bits):
+    from effalg.core.modules import InputSplitConv2d, WxA8Conv2d
+
+    torch.manual_seed(0)
+    conv = nn.Conv2d(12, 8, 3, padding=1)
+    x = torch.cat([torch.randn(2, 4, 5, 5) * 50, torch.randn(2, 8, 5, 5) * 0.1], dim=1)  # skip concat: two ranges
+    from effalg.core.calibration import static_act_qparams
+
+    qp = [static_act_qparams(float(p.min()), float(p.max())) for p in x.split([4, 8], dim=1)]
+    split = InputSplitConv2d.from_float(conv, [4, 8], weight_bits=bits, act_qparams=qp)
+    a = WxA8Conv2d.from_float(nn.Conv2d(4, 8, 3, padding=1), weight_bits=bits)
+    assert [p.in_channels for p in split.parts] == [4, 8] and split.parts[1].bias is None
+    tol = float(conv.weight.detach().abs().max()) / {8: 100, 4: 6, 2: 1.5}[bits]
+    torch.testing.assert_close(split.dequantize_weight(), conv.weight.detach(), rtol=0, atol=tol)
+    ref = conv(x).detach()
+    one = WxA8Conv2d.from_float(conv, weight_bits=bits, act_scale=qp[0][0], act_zero=qp[0][1])  # one range
+    err_split = float((split(x) - ref).norm() / ref.norm())
+    err_one = float((one(x) - ref).norm() / ref.norm())
+    if bits == 8:
+        assert err_split < 0.02 and err_split < err_one
+    meta = InputSplitConv2d(12, 8, 3, padding=1, split_sizes=[4, 8], weight_bits=bits, static_act=True, device="meta")
+    assert set(meta.state_dict()) == set(split.state_dict())
+    with pytest.raises(ValueError, match="split_sizes must be"):
+        InputSplitConv2d(12, 8, 3, split_sizes=[5, 8])
+    assert a.weight_bits == bits

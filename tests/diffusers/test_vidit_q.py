@@ -149,7 +149,7 @@ def test_empty_prompts_and_no_quantizable_layers(tiny_pixart_alpha):
     pipe = _load(tiny_pixart_alpha)
     with pytest.raises(ValueError, match="prompts is empty"):
         ED.calibrate(pipe, [], ViDiTQConfig())
-    with pytest.raises(TypeError, match="config must be a ViDiTQConfig"):
+    with pytest.raises(TypeError, match="config must be a .*ViDiTQConfig"):
         ED.calibrate(pipe, ["a"], EffalgLinearConfig())
     none = ViDiTQConfig(modules_to_not_convert=[".*"])
     with pytest.raises(ValueError, match="no quantizable layers in PixArtTransformer2DModel"):
@@ -165,7 +165,9 @@ def test_empty_prompts_and_no_quantizable_layers(tiny_pixart_alpha):
 # ---- calibration and fidelity -------------------------------------------------------------------------------------
 def test_calibrate_progress_bar(tiny_pixart_alpha, capsys):
     pipe = _load(tiny_pixart_alpha)
-    ED.calibrate(pipe, ["a cat", "a dog"], ViDiTQConfig(balance_layers=None), num_inference_steps=2, **_call_kwargs(pipe))
+    ED.calibrate(
+        pipe, ["a cat", "a dog"], ViDiTQConfig(balance_layers=None), num_inference_steps=2, **_call_kwargs(pipe)
+    )
     err = capsys.readouterr().err
     assert "ViDiT-Q calibration" in err and "4/4" in err  # prompts x steps
     layer = pipe.transformer.transformer_blocks[0].ff.net[2]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -25,7 +26,14 @@ from typing import Any
 import torch
 from torch import nn
 
-__all__ = ["ActivationStatsCollector", "CalibrationStats", "LayerStats", "calibrate"]
+__all__ = [
+    "ActivationStatsCollector",
+    "CalibrationStats",
+    "LayerStats",
+    "RangeCollector",
+    "calibrate",
+    "static_act_qparams",
+]
 
 logger = logging.getLogger(__name__)
 
@@ -386,3 +394,91 @@ def calibrate(
     if not stats.layers:
         raise ValueError("calibrate: none of the selected modules ran during calibration")
     return stats
+
+
+# ---- static per-tensor activation ranges (MixDQ) ---------------------------------------------------------------------
+def static_act_qparams(lo: float, hi: float) -> tuple[float, int]:
+    """``(scale, zero)`` of static asymmetric int8 over ``[lo, hi]`` (widened to include 0):
+    ``q = clamp(round(x / scale) + zero, -128, 127)``, so ``lo -> -128`` and ``hi -> 127``."""
+    lo, hi = min(float(lo), 0.0), max(float(hi), 0.0)
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        raise ValueError(f"static_act_qparams: the range [{lo}, {hi}] is not finite")
+    scale = (hi - lo) / 255.0
+    if scale <= 0:
+        return 1.0, 0
+    zero = int(max(-128, min(127, -128 - round(lo / scale))))
+    return scale, zero
+
+
+class RangeCollector:
+    """Context manager recording EMA min-max ranges of module inputs (static per-tensor activations, MixDQ).
+
+    Per call and per channel range, ``r <- momentum * r + (1 - momentum) * (min, max)`` (the first call sets ``r``).
+
+    Args:
+        modules: ``{name: module}``; the input's channel dim is 1 for ``nn.Conv*`` and the last dim otherwise.
+        splits: ``{name: [c0, c1, ...]}`` channel range sizes per module (one range if absent). Read at every call,
+            so a hook that runs earlier in the same forward may fill it.
+        skip_tokens: ``{name: n}``: the first ``n`` tokens (dim -2 of a linear's input) are left out (BOS tokens).
+        momentum: EMA momentum in [0, 1) (MixDQ: 0.95).
+
+    ``ranges()`` gives ``{name: fp32 [n_ranges, 2]}`` (min, max) for the modules that ran.
+    """
+
+    def __init__(
+        self,
+        modules: Mapping[str, nn.Module],
+        *,
+        splits: Mapping[str, Iterable[int]] | None = None,
+        skip_tokens: Mapping[str, int] | None = None,
+        momentum: float = 0.95,
+    ) -> None:
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
+            raise ValueError(f"RangeCollector: momentum must be a float in [0, 1), got {momentum!r}")
+        self.modules = _select_modules(None, modules)
+        self.splits = splits if splits is not None else {}
+        self.skip_tokens = dict(skip_tokens or {})
+        self.momentum = float(momentum)
+        self._ranges: dict[str, torch.Tensor] = {}
+        self._handles: list[Any] = []
+
+    def _record(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
+        n = self.skip_tokens.get(name, 0)
+        if n and x.dim() >= 2:
+            x = x[..., n:, :]
+        cdim = 1 if isinstance(module, (nn.Conv1d, nn.Conv2d, nn.Conv3d)) and x.dim() > 1 else x.dim() - 1
+        sizes = list(self.splits.get(name) or [x.shape[cdim]])
+        if sum(sizes) != x.shape[cdim]:
+            raise ValueError(f"RangeCollector: {name}: channel ranges {sizes} do not cover {x.shape[cdim]} channels")
+        if x.numel() == 0:
+            return
+        parts = x.detach().split(sizes, dim=cdim)
+        new = torch.stack([torch.stack([p.amin(), p.amax()]) for p in parts]).float().cpu()
+        old = self._ranges.get(name)
+        if old is None or old.shape != new.shape:
+            self._ranges[name] = new
+        else:
+            self._ranges[name] = self.momentum * old + (1.0 - self.momentum) * new
+
+    def __enter__(self) -> RangeCollector:
+        if self._handles:
+            raise RuntimeError("RangeCollector is already active")
+        for name, m in self.modules.items():
+
+            def hook(module, args, kwargs, _name=name):
+                x = args[0] if args else next(iter(kwargs.values()), None)
+                if isinstance(x, torch.Tensor) and x.is_floating_point():
+                    with torch.no_grad():
+                        self._record(_name, module, x)
+
+            self._handles.append(m.register_forward_pre_hook(hook, with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def ranges(self) -> dict[str, torch.Tensor]:
+        """``{name: [n_ranges, 2]}`` EMA (min, max) per channel range."""
+        return {n: r.clone() for n, r in self._ranges.items()}

@@ -1,7 +1,7 @@
 """effalg methods for diffusers.
 
 ``import effalg.diffusers`` registers the effalg quantization methods with diffusers (diffusers >=0.42,<0.43), so
-that ``quantization_config=EffalgLinearConfig(...)`` / ``ViDiTQConfig(...)`` works in ``ModelMixin.from_pretrained`` and
+that ``quantization_config=EffalgLinearConfig(...)`` / ``ViDiTQConfig(...)`` / ``MixDQConfig(...)`` works in ``ModelMixin.from_pretrained`` and
 ``DiffusionPipeline.from_pretrained``, and saved effalg checkpoints load with a plain ``from_pretrained``.
 ``calibrate(pipe, prompts, config, ...)`` runs the calibration registered for ``type(config)``
 (:func:`register_calibrator`).
@@ -18,12 +18,14 @@ from .config import (  # noqa: E402
     EffalgQuantMethod,
     default_modules_to_not_convert,
 )
+from .mixdq import MixDQConfig, MixDQQuantizer, load_mixdq_bit_maps  # noqa: E402  (registers MixDQ's calibration)
 from .pipeline_calibration import calibrate, register_calibrator  # noqa: E402
 from .quantizer import EffalgDiffusersQuantizer, EffalgLinearQuantizer  # noqa: E402
 from .vidit_q import ViDiTQConfig, ViDiTQQuantizer  # noqa: E402  (registers ViDiT-Q's calibration)
 
 register_quantization_method(EffalgLinearConfig, EffalgLinearQuantizer)
 register_quantization_method(ViDiTQConfig, ViDiTQQuantizer)
+register_quantization_method(MixDQConfig, MixDQQuantizer)
 
 __all__ = [
     "DEFAULT_MODULES_TO_NOT_CONVERT",
@@ -33,10 +35,13 @@ __all__ = [
     "EffalgLinearConfig",
     "EffalgLinearQuantizer",
     "EffalgQuantMethod",
+    "MixDQConfig",
+    "MixDQQuantizer",
     "ViDiTQConfig",
     "ViDiTQQuantizer",
     "calibrate",
     "default_modules_to_not_convert",
+    "load_mixdq_bit_maps",
     "register_calibrator",
     "register_quantization_method",
 ]

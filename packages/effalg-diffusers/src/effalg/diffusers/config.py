@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import copy
 import re
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from enum import Enum
 from typing import Any, ClassVar
 
@@ -21,6 +21,7 @@ from torch import nn
 from diffusers.quantizers.pipe_quant_config import PipelineQuantizationConfig
 from diffusers.quantizers.quantization_config import QuantizationConfigMixin
 from effalg.core.config import EffalgConfig, LinearQuantConfig
+from effalg.core.plans import BitPlan, Plan, PlanError
 
 __all__ = [
     "DEFAULT_MODULES_TO_NOT_CONVERT",
@@ -29,6 +30,8 @@ __all__ = [
     "EffalgLinearConfig",
     "default_modules_to_not_convert",
     "match_module_names",
+    "normalize_bit_plan",
+    "check_plan_layers",
 ]
 
 
@@ -37,6 +40,7 @@ class EffalgQuantMethod(str, Enum):
 
     LINEAR = "effalg_linear"
     VIDIT_Q = "effalg_vidit_q"
+    MIXDQ = "effalg_mixdq"
 
 
 #: Full-match regexes of module names kept in float by default: embedders, adaLN modulation, final layers
@@ -97,6 +101,63 @@ def default_modules_to_not_convert(model: nn.Module) -> list[str]:
     """Module names of ``model`` (holding ``nn.Linear`` layers) that :data:`DEFAULT_MODULES_TO_NOT_CONVERT` keeps in float."""
     names = match_module_names(model, DEFAULT_MODULES_TO_NOT_CONVERT, strict=False)
     return [n for n in names if any(isinstance(m, nn.Linear) for m in model.get_submodule(n).modules())]
+
+
+def normalize_bit_plan(plan: Any, weight_bits: Iterable[int], act_bits: int = 8) -> dict | None:
+    """A plan argument (a :class:`~effalg.core.plans.BitPlan`, its dict, or ``{layer: bits | None}``) as a
+    ``BitPlan`` dict; each entry must be ``(b, act_bits)`` with ``b`` in ``weight_bits``, or ``(None, None)`` (float).
+    """
+    if plan is None:
+        return None
+    if isinstance(plan, Plan):
+        plan = plan.to_dict()
+    if not isinstance(plan, Mapping):
+        raise TypeError(f"plan must be a BitPlan, its dict or {{layer: bits}}, got {type(plan).__name__}")
+    if plan.get("format") is None:  # {layer: bits | {"weight_bits": .., "act_bits": ..}}
+        entries = {}
+        for name, v in plan.items():
+            if v is None or isinstance(v, int):
+                entries[name] = {"weight_bits": v, "act_bits": None if v is None else act_bits}
+            else:
+                entries[name] = v
+        bp = BitPlan(entries=entries)
+    else:
+        bp = Plan.from_dict(plan)
+        if not isinstance(bp, BitPlan):
+            raise ValueError(f"plan must be a bit_plan, got kind {bp.kind!r}")
+    allowed = [(b, act_bits) for b in weight_bits] + [(None, None)]
+    for name, e in bp.entries.items():
+        combo = (e["weight_bits"], e["act_bits"])
+        if combo not in allowed:
+            raise ValueError(
+                f"plan: layer {name!r} has (weight_bits, act_bits)={combo}; allowed: weight_bits in "
+                f"{list(weight_bits)} with act_bits {act_bits}, or None (float)"
+            )
+    return bp.to_dict()
+
+
+def check_plan_layers(plan: dict | None, model: nn.Module, skip: Iterable[str], quantizable, owner: str) -> None:
+    """Check that every layer of ``plan`` is a module of ``model`` and every quantized one is ``quantizable(module)``
+    and not under ``skip``; ``ValueError`` naming the offending layers otherwise."""
+    if plan is None:
+        return
+    bp = Plan.from_dict(plan)
+    try:
+        bp.validate_against(model)
+    except PlanError as e:
+        raise ValueError(f"{owner}.plan: {e}") from None
+    skip = list(skip)
+    bad = [
+        n
+        for n, e in bp.entries.items()
+        if e["weight_bits"] is not None
+        and (not quantizable(model.get_submodule(n)) or any(n == s or n.startswith(s + ".") for s in skip))
+    ]
+    if bad:
+        raise ValueError(
+            f"{owner}.plan: layer(s) {bad[:20]} of {type(model).__name__} are not quantizable layers (or are kept in "
+            "float by modules_to_not_convert)"
+        )
 
 
 class EffalgDiffusersConfig(QuantizationConfigMixin, PipelineQuantizationConfig):

@@ -31,6 +31,7 @@ from .quantizer import _in_keep_fp32
 
 __all__ = [
     "CalibrationRun",
+    "FinalImageMetric",
     "FinalLatentsMetric",
     "LayerMetric",
     "MetricGroup",
@@ -46,6 +47,7 @@ __all__ = [
     "relative_error",
     "run_float",
     "select_layers",
+    "swap_layers",
 ]
 
 logger = logging.get_logger(__name__)
@@ -271,6 +273,7 @@ def run_float(
     *,
     modules: Mapping[str, nn.Module] | None = None,
     record: int = 0,
+    observers: Sequence[contextlib.AbstractContextManager] = (),
     desc: str = "calibration",
     progress: bool = True,
     **collector_kwargs: Any,
@@ -279,7 +282,9 @@ def run_float(
 
     ``modules`` get an :class:`~effalg.core.calibration.ActivationStatsCollector` (``collector_kwargs``, e.g.
     ``per_call=False``) over every denoiser call: all timesteps, and both CFG branches (batched by diffusers). The
-    first ``record`` prompts' denoiser calls and final latents are kept for :func:`layer_sensitivity`.
+    first ``record`` prompts' denoiser calls and final latents are kept for :func:`layer_sensitivity`. ``observers``
+    (context managers installing hooks, e.g. an :class:`~effalg.core.calibration.RangeCollector`) are active
+    during the whole run.
     """
     from tqdm.auto import tqdm
 
@@ -301,7 +306,12 @@ def run_float(
     hooks = []
     try:
         hooks += [model.register_forward_pre_hook(record_call, with_kwargs=True), model.register_forward_hook(tick)]
-        with _quiet(runner.pipe), collector if collector is not None else contextlib.nullcontext():
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(_quiet(runner.pipe))
+            if collector is not None:
+                stack.enter_context(collector)
+            for obs in observers:
+                stack.enter_context(obs)
             for i, p in enumerate(prompts):
                 recording[0] = i < record
                 lat = runner.latents(p, i)
@@ -349,6 +359,26 @@ class FinalLatentsMetric(LayerMetric):
         return sum(errs) / len(errs)
 
 
+class FinalImageMetric(LayerMetric):
+    """Mean ``compare(float image, image)`` of the decoded images (``output_type="pt"``, ``[B, C, H, W]`` in
+    [0, 1]) over the recorded prompts; e.g. ``lambda a, b: 1 - ssim(a, b)`` (MixDQ's content metric)."""
+
+    def __init__(self, compare: Callable[[torch.Tensor, torch.Tensor], float]) -> None:
+        self.compare = compare
+        self.reference: list[torch.Tensor] = []
+
+    def prepare(self, run: CalibrationRun, layers: Sequence[str]) -> None:
+        if not self.reference:
+            self.reference = [run.runner.run(p, i, "pt").float() for i, p in enumerate(run.recorded_prompts)]
+
+    def error(self, run: CalibrationRun, layer: str | None = None) -> float:
+        if not self.reference:
+            self.prepare(run, [])
+        errs = [self.compare(ref, run.runner.run(p, i, "pt").float()) for i, (p, ref) in
+                enumerate(zip(run.recorded_prompts, self.reference))]  # fmt: skip
+        return sum(errs) / len(errs)
+
+
 class ModuleOutputMetric(LayerMetric):
     """Mean ``compare(float output, output)`` of module ``module_of(layer)`` (``""`` = the denoiser) over the
     replayed denoiser calls; ``compare`` may return None to skip a call."""
@@ -371,6 +401,19 @@ class ModuleOutputMetric(LayerMetric):
         outs = run.runner.replay(run.calls, [w])[w]
         errs = [e for e in (self.compare(r, o) for r, o in zip(self.reference[w], outs)) if e is not None]
         return sum(errs) / max(1, len(errs))
+
+
+@contextlib.contextmanager
+def swap_layers(model: nn.Module, modules: Mapping[str, nn.Module]) -> Iterator[None]:
+    """Temporarily replace ``model``'s submodules ``{name: module}``; the originals are put back on exit."""
+    originals = {name: model.get_submodule(name) for name in modules}
+    try:
+        for name, m in modules.items():
+            model.set_submodule(name, m)
+        yield
+    finally:
+        for name, m in originals.items():
+            model.set_submodule(name, m)
 
 
 @dataclass(frozen=True)
@@ -405,14 +448,10 @@ def layer_sensitivity(
             groups[g].metric.prepare(run, [n for n, gn in layer_groups.items() if gn == g])
         for name in tqdm(list(layer_groups), desc=desc, disable=not progress):
             group = groups[layer_groups[name]]
-            original = model.get_submodule(name)
             sens[name] = {}
             for c in group.candidates:
-                model.set_submodule(name, build(name, c))
-                try:
+                with swap_layers(model, {name: build(name, c)}):
                     sens[name][c] = group.metric.error(run, name)
-                finally:
-                    model.set_submodule(name, original)
     return sens
 
 

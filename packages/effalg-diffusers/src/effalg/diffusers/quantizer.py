@@ -41,6 +41,28 @@ def _in_keep_fp32(name: str, keep_in_fp32_modules) -> bool:
     return any(m in parts for m in keep_in_fp32_modules or ())
 
 
+def _float_twin(layer: nn.Module, weight: torch.Tensor, device: torch.device) -> nn.Module | None:
+    """A real ``nn.Linear`` / ``nn.Conv2d`` like (meta) ``layer`` holding ``weight`` and ``layer``'s bias (zeros if
+    the bias is not loaded yet: it is loaded into the quantized module afterwards)."""
+    if isinstance(layer, nn.Linear):
+        tmp = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=device,
+                        dtype=weight.dtype)  # fmt: skip
+    elif isinstance(layer, nn.Conv2d):
+        tmp = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
+                        layer.dilation, layer.groups, bias=layer.bias is not None, padding_mode=layer.padding_mode,
+                        device=device, dtype=weight.dtype)  # fmt: skip
+    else:
+        return None
+    with torch.no_grad():
+        tmp.weight.copy_(weight)
+        if tmp.bias is not None:
+            if layer.bias.is_meta:
+                tmp.bias.zero_()
+            else:
+                tmp.bias.copy_(layer.bias)
+    return tmp
+
+
 class EffalgDiffusersQuantizer(DiffusersQuantizer):
     """Base quantizer for effalg configs (:class:`~effalg.diffusers.config.EffalgDiffusersConfig`).
 
@@ -131,13 +153,27 @@ class EffalgDiffusersQuantizer(DiffusersQuantizer):
             )
         return missing_keys
 
+    def _owner(self, param_name: str) -> tuple[str, str] | None:
+        """``(converted layer, tensor path inside it)`` for a tensor of a converted layer (or of its submodules)."""
+        parts = param_name.split(".")
+        for i in range(len(parts) - 1, 0, -1):
+            layer = ".".join(parts[:i])
+            if layer in self._converted_names:
+                return layer, ".".join(parts[i:])
+        return None
+
     def check_if_quantized_param(self, model, param_value, param_name: str, state_dict, **kwargs) -> bool:
-        module_name, _, tensor_name = param_name.rpartition(".")
-        if module_name not in self._converted_names:
+        owner = self._owner(param_name)
+        if owner is None:
             return False
-        if self.pre_quantized:
-            return tensor_name != "bias"  # integer codes and fp32 qparams: no torch_dtype cast
-        return tensor_name == "weight"
+        layer, tensor = owner
+        if not self.pre_quantized:
+            return tensor == "weight"
+        # Integer codes and qparams load as stored (no torch_dtype cast); biases and the buffers a module lists in
+        # ``_model_dtype_buffers`` (e.g. a float BOS weight) take diffusers' normal path and follow the model dtype.
+        module_name, _, name = param_name.rpartition(".")
+        module = model.get_submodule(module_name)
+        return not (name == "bias" or name in getattr(module, "_model_dtype_buffers", ()))
 
     def create_quantized_param(
         self, model, param_value, param_name, target_device, state_dict=None, unexpected_keys=None, **kwargs
@@ -148,24 +184,12 @@ class EffalgDiffusersQuantizer(DiffusersQuantizer):
             value = state_dict[param_name] if state_dict is not None and param_name in state_dict else param_value
             set_module_tensor_to_device(model, param_name, target_device, value=value)
             return
-        linear = model.get_submodule(module_name)
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"{type(self).__name__}: {module_name} is {type(linear).__name__}, expected nn.Linear")
-        device = torch.device(target_device)  # "cpu", an index or a torch.device
-        tmp = nn.Linear(
-            linear.in_features,
-            linear.out_features,
-            bias=linear.bias is not None,
-            device=device,
-            dtype=param_value.dtype,
-        )
-        with torch.no_grad():
-            tmp.weight.copy_(param_value)
-            if tmp.bias is not None:
-                if linear.bias.is_meta:
-                    tmp.bias.zero_()  # loaded into the quantized module later
-                else:
-                    tmp.bias.copy_(linear.bias)
+        layer = model.get_submodule(module_name)
+        tmp = _float_twin(layer, param_value, torch.device(target_device))  # "cpu", an index or a torch.device
+        if tmp is None:
+            raise TypeError(
+                f"{type(self).__name__}: {module_name} is {type(layer).__name__}, expected nn.Linear or nn.Conv2d"
+            )
         new = self.convert_module(tmp, module_name)
         if new is None:
             raise RuntimeError(

@@ -22,10 +22,13 @@ __all__ = [
     "inject_outlier_channels",
     "make_tiny_flux",
     "make_tiny_latte",
+    "make_tiny_lcm",
     "make_tiny_pixart_alpha",
     "make_tiny_pixart_sigma",
     "make_tiny_sd",
     "make_tiny_sd3",
+    "make_tiny_sd_turbo",
+    "make_tiny_sdxl",
     "pipeline_kwargs",
     "run_denoiser",
     "run_pipeline",
@@ -53,7 +56,7 @@ def _t5_tokenizer(max_length: int = 16):
     return T5Tokenizer(vocab=vocab, extra_ids=0, model_max_length=max_length)
 
 
-def _clip_text(seed: int, with_projection: bool = False, hidden: int = 32):
+def _clip_text(seed: int, with_projection: bool = False, hidden: int = 32, layers: int = 1):
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
     torch.manual_seed(seed)
@@ -61,7 +64,7 @@ def _clip_text(seed: int, with_projection: bool = False, hidden: int = 32):
         vocab_size=64,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
-        num_hidden_layers=1,
+        num_hidden_layers=layers,
         num_attention_heads=2,
         max_position_embeddings=16,
         projection_dim=hidden,
@@ -183,12 +186,14 @@ def make_tiny_pixart_sigma(path, outlier_channels: int = 0, seed: int = 0):
     return make_tiny_pixart_alpha(path, outlier_channels, seed, _sigma=True)
 
 
-def make_tiny_sd(path, outlier_channels: int = 0, seed: int = 0):
-    """Tiny SD-style pipeline: UNet2DConditionModel + CLIP text encoder + local CLIP tokenizer (SD-Turbo style)."""
-    from diffusers import EulerDiscreteScheduler, StableDiffusionPipeline, UNet2DConditionModel
+def _sd_unet(seed: int, **kw):
+    """The tiny SD UNet: CrossAttn down + up blocks (attn1 / attn2 / ff), 32 -> 64 channel-change resnets with a
+    ``conv_shortcut``, up-block resnets on skip-concatenated inputs (128 / 96 / 64 channels, all divisible by the 16
+    norm groups), a cross-attention mid block."""
+    from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
-    unet = UNet2DConditionModel(
+    return UNet2DConditionModel(
         sample_size=8,
         in_channels=4,
         out_channels=4,
@@ -199,17 +204,106 @@ def make_tiny_sd(path, outlier_channels: int = 0, seed: int = 0):
         cross_attention_dim=32,
         attention_head_dim=8,
         norm_num_groups=16,
+        **kw,
     ).eval()
+
+
+def _sd_pipeline(path, outlier_channels: int, seed: int, scheduler, **unet_kw):
+    from diffusers import StableDiffusionPipeline
+
+    unet = _sd_unet(seed, **unet_kw)
     pipe = StableDiffusionPipeline(
         vae=_vae(seed + 2),
         text_encoder=_clip_text(seed + 1),
         tokenizer=_clip_tokenizer(),
         unet=unet,
-        scheduler=EulerDiscreteScheduler(timestep_spacing="trailing", steps_offset=1),
+        scheduler=scheduler,
         safety_checker=None,
         feature_extractor=None,
         image_encoder=None,
         requires_safety_checker=False,
+    )
+    return _finish(pipe, path, unet, outlier_channels, seed)
+
+
+def make_tiny_sd(path, outlier_channels: int = 0, seed: int = 0):
+    """Tiny SD-style pipeline: UNet2DConditionModel (see :func:`_sd_unet`) + CLIP text encoder + local CLIP tokenizer,
+    Euler with trailing timesteps."""
+    from diffusers import EulerDiscreteScheduler
+
+    return _sd_pipeline(
+        path, outlier_channels, seed, EulerDiscreteScheduler(timestep_spacing="trailing", steps_offset=1)
+    )
+
+
+def make_tiny_sd_turbo(path, outlier_channels: int = 0, seed: int = 0):
+    """Tiny SD-Turbo pipeline: the :func:`make_tiny_sd` layout with ``EulerAncestralDiscreteScheduler`` (trailing
+    timesteps); call it with 1 step and ``guidance_scale=0.0`` (see :func:`pipeline_kwargs`)."""
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    scheduler = EulerAncestralDiscreteScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="trailing"
+    )
+    return _sd_pipeline(path, outlier_channels, seed, scheduler)
+
+
+def make_tiny_lcm(path, outlier_channels: int = 0, seed: int = 0):
+    """Tiny LCM-distilled SD pipeline: the :func:`make_tiny_sd` layout with ``LCMScheduler`` and a UNet with
+    ``time_cond_proj_dim`` (LCM's guidance-scale embedding, which ``StableDiffusionPipeline`` passes as
+    ``timestep_cond``; classifier-free guidance is then off). Call it with 4 steps (see :func:`pipeline_kwargs`)."""
+    from diffusers import LCMScheduler
+
+    scheduler = LCMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", steps_offset=1, timestep_spacing="leading"
+    )
+    return _sd_pipeline(path, outlier_channels, seed, scheduler, time_cond_proj_dim=32)
+
+
+def make_tiny_sdxl(path, outlier_channels: int = 0, seed: int = 0):
+    """Tiny SDXL pipeline: two 2-layer CLIP text encoders (plain + with projection), local tokenizers, and a
+    UNet2DConditionModel with SDXL's ``text_time`` added conditioning.
+
+    SDXL layout: a plain DownBlock2D then a CrossAttnDownBlock2D (32 -> 64 resnet with ``conv_shortcut``), mirrored up
+    blocks on skip-concatenated inputs, ``transformer_layers_per_block=(1, 2)`` (the cross-attention level and the mid
+    block run 2 transformer blocks), linear projections, ``cross_attention_dim`` = 32 + 32 (both encoders' hidden
+    states concatenated), ``projection_class_embeddings_input_dim`` = 6 time ids x 8 + the 32-d pooled projection.
+    """
+    from diffusers import EulerDiscreteScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+
+    hidden, hidden_2, time_dim = 32, 32, 8
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=8,
+        in_channels=4,
+        out_channels=4,
+        layers_per_block=1,
+        block_out_channels=(32, 64),
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        transformer_layers_per_block=(1, 2),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        cross_attention_dim=hidden + hidden_2,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_dim,
+        projection_class_embeddings_input_dim=6 * time_dim + hidden_2,
+        norm_num_groups=16,
+    ).eval()
+    pipe = StableDiffusionXLPipeline(
+        vae=_vae(seed + 2),
+        text_encoder=_clip_text(seed + 1, hidden=hidden, layers=2),
+        text_encoder_2=_clip_text(seed + 3, True, hidden=hidden_2, layers=2),
+        tokenizer=_clip_tokenizer(),
+        tokenizer_2=_clip_tokenizer(),
+        unet=unet,
+        scheduler=EulerDiscreteScheduler(
+            beta_start=0.00085,
+            beta_end=0.012,
+            beta_schedule="scaled_linear",
+            steps_offset=1,
+            timestep_spacing="leading",
+        ),
+        add_watermarker=False,
     )
     return _finish(pipe, path, unet, outlier_channels, seed)
 
@@ -330,6 +424,9 @@ FACTORIES = {
     "pixart_alpha": (make_tiny_pixart_alpha, "transformer"),
     "pixart_sigma": (make_tiny_pixart_sigma, "transformer"),
     "sd": (make_tiny_sd, "unet"),
+    "sd_turbo": (make_tiny_sd_turbo, "unet"),
+    "lcm": (make_tiny_lcm, "unet"),
+    "sdxl": (make_tiny_sdxl, "unet"),
     "sd3": (make_tiny_sd3, "transformer"),
     "flux": (make_tiny_flux, "transformer"),
     "latte": (make_tiny_latte, "transformer"),
@@ -356,12 +453,24 @@ def denoiser_inputs(model: nn.Module, seed: int = 0, batch: int = 2) -> dict[str
             return_dict=False,
         )
     if name == "UNet2DConditionModel":
-        return dict(
+        kw = dict(
             sample=r(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size),
             timestep=t,
             encoder_hidden_states=r(batch, 6, cfg.cross_attention_dim),
             return_dict=False,
         )
+        if cfg.addition_embed_type == "text_time":  # SDXL: pooled text embeds + (orig size, crop, target size) ids
+            n_ids = 6
+            size = float(cfg.sample_size * 2)  # the tiny 2-level VAE's pixel size
+            kw["added_cond_kwargs"] = {
+                "text_embeds": r(
+                    batch, cfg.projection_class_embeddings_input_dim - n_ids * cfg.addition_time_embed_dim
+                ),
+                "time_ids": torch.tensor([[size, size, 0.0, 0.0, size, size]]).repeat(batch, 1),
+            }
+        if cfg.time_cond_proj_dim is not None:  # LCM: guidance-scale embedding
+            kw["timestep_cond"] = r(batch, cfg.time_cond_proj_dim)
+        return kw
     if name == "SD3Transformer2DModel":
         return dict(
             hidden_states=r(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size),
@@ -398,7 +507,9 @@ def run_denoiser(model: nn.Module, seed: int = 0) -> torch.Tensor:
 
 
 def pipeline_kwargs(pipe, seed: int = 0) -> dict[str, Any]:
-    """Deterministic, fast call kwargs for the tiny pipelines (2 steps, small images, ``output_type="pt"``)."""
+    """Deterministic, fast call kwargs for the tiny pipelines (small images, ``output_type="pt"``, 2 steps; SD with
+    an ``EulerAncestralDiscreteScheduler`` (SD-Turbo): 1 step, ``guidance_scale=0.0``; SD with a
+    ``time_cond_proj_dim`` UNet (LCM): 4 steps, the guidance scale going in as ``timestep_cond``)."""
     kw: dict[str, Any] = dict(
         prompt="a cat", num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(seed)
     )
@@ -406,6 +517,13 @@ def pipeline_kwargs(pipe, seed: int = 0) -> dict[str, Any]:
     if name.startswith("PixArt"):
         kw.update(height=16, width=16, use_resolution_binning=False, max_sequence_length=16, clean_caption=False)
     elif name == "StableDiffusionPipeline":
+        kw.update(height=16, width=16, guidance_scale=1.0)
+        scheduler = type(pipe.scheduler).__name__
+        if pipe.unet.config.time_cond_proj_dim is not None:  # LCM: guidance goes in as an embedding, no CFG batch
+            kw.update(num_inference_steps=4, guidance_scale=8.0)
+        elif scheduler == "EulerAncestralDiscreteScheduler":  # SD-Turbo
+            kw.update(num_inference_steps=1, guidance_scale=0.0)
+    elif name == "StableDiffusionXLPipeline":
         kw.update(height=16, width=16, guidance_scale=1.0)
     elif name == "StableDiffusion3Pipeline":
         kw.update(height=8, width=8, max_sequence_length=16)

@@ -32,12 +32,12 @@ from diffusers.utils import logging
 from effalg.core.allocation import allocate_bits, normalize_costs_by_group
 from effalg.core.config import LinearQuantConfig
 from effalg.core.modules import QuantModuleBase, W4A8Linear, W8A8Linear
-from effalg.core.plans import BitPlan, Plan, PlanError
+from effalg.core.plans import BitPlan, Plan
 from effalg.core.quant.rotation import HadamardRotation
 from effalg.core.quant.smooth import compute_smooth_scale
 from effalg.kernels import hadamard_block_size
 
-from .config import EffalgDiffusersConfig, EffalgQuantMethod, _matches
+from .config import EffalgDiffusersConfig, EffalgQuantMethod, _matches, check_plan_layers, normalize_bit_plan
 from .pipeline_calibration import (
     CalibrationRun,
     FinalLatentsMetric,
@@ -198,7 +198,7 @@ class ViDiTQConfig(EffalgDiffusersConfig):
             if not isinstance(bl, (list, tuple)) or not all(isinstance(x, str) for x in bl):
                 raise TypeError(f"balance_layers must be None, a regex string or a list of names, got {bl!r}")
             self.balance_layers = list(bl)
-        self.plan = self._normalize_plan(self.plan)
+        self.plan = normalize_bit_plan(self.plan, _ALLOWED_WEIGHT_BITS)
         self.mixed_precision = self._normalize_mixed_precision(self.mixed_precision)
         sl = self.smoothed_layers
         if sl is not None:
@@ -213,35 +213,6 @@ class ViDiTQConfig(EffalgDiffusersConfig):
             modules_to_not_convert=list(mtnc or []),
             version=self.version,
         )
-
-    @staticmethod
-    def _normalize_plan(plan: Any) -> dict | None:
-        if plan is None:
-            return None
-        if isinstance(plan, Plan):
-            plan = plan.to_dict()
-        if not isinstance(plan, Mapping):
-            raise TypeError(f"plan must be a BitPlan, its dict or {{layer: bits}}, got {type(plan).__name__}")
-        if plan.get("format") is None:  # {layer: bits | {"weight_bits": .., "act_bits": ..}}
-            entries = {}
-            for name, v in plan.items():
-                if v is None or isinstance(v, int):
-                    entries[name] = {"weight_bits": v, "act_bits": None if v is None else 8}
-                else:
-                    entries[name] = v
-            bp = BitPlan(entries=entries)
-        else:
-            bp = Plan.from_dict(plan)
-            if not isinstance(bp, BitPlan):
-                raise ValueError(f"plan must be a bit_plan, got kind {bp.kind!r}")
-        for name, e in bp.entries.items():
-            combo = (e["weight_bits"], e["act_bits"])
-            if combo not in ((4, 8), (8, 8), (None, None)):
-                raise ValueError(
-                    f"plan: layer {name!r} has (weight_bits, act_bits)={combo}; allowed: weight_bits in "
-                    f"{list(_ALLOWED_WEIGHT_BITS)} with act_bits 8, or None (float)"
-                )
-        return bp.to_dict()
 
     @staticmethod
     def _normalize_mixed_precision(mp: Any) -> dict | None:
@@ -274,25 +245,7 @@ class ViDiTQConfig(EffalgDiffusersConfig):
         """A copy with exact ``modules_to_not_convert`` names; checks ``plan`` and ``balance_layers`` against ``model``
         (``ValueError`` naming the layers it lacks)."""
         out = super().resolved_for(model)
-        bp = self.bit_plan
-        if bp is not None:
-            try:
-                bp.validate_against(model)
-            except PlanError as e:
-                raise ValueError(f"ViDiTQConfig.plan: {e}") from None
-            skip = out.modules_to_not_convert
-            bad = [
-                n
-                for n in bp.entries
-                if not _is_quantizable_linear(model.get_submodule(n))
-                or any(n == s or n.startswith(s + ".") for s in skip)
-            ]
-            bad = [n for n in bad if bp.entries[n]["weight_bits"] is not None]
-            if bad:
-                raise ValueError(
-                    f"ViDiTQConfig.plan: layer(s) {bad[:20]} of {type(model).__name__} are not quantizable nn.Linear "
-                    "layers (or are kept in float by modules_to_not_convert)"
-                )
+        check_plan_layers(self.plan, model, out.modules_to_not_convert, _is_quantizable_linear, "ViDiTQConfig")
         if isinstance(self.balance_layers, list):
             names = [n for n, _ in model.named_modules() if n]
             unused = [e for e in self.balance_layers if not any(_matches(n, e) for n in names)]
@@ -422,15 +375,6 @@ class ViDiTQQuantizer(EffalgDiffusersQuantizer):
             smooth = torch.ones(module.in_features, device="meta")
         seed = _layer_seed(cfg.rotation_seed, name) if cfg.rotation and cfg.is_balanced(name) else None
         return _quantized_linear(module, bits, gs, smooth, seed, cfg.rotation_block_size, prepack=False)
-
-    def check_if_quantized_param(self, model, param_value, param_name: str, state_dict, **kwargs) -> bool:
-        # Tensors of a converted layer's submodules (the rotation's signs) load like its qparams (no dtype cast).
-        if self.pre_quantized:
-            parts = param_name.split(".")
-            for i in range(len(parts) - 1, 0, -1):
-                if ".".join(parts[:i]) in self._converted_names:
-                    return not (parts[i] == "bias" and i == len(parts) - 1)
-        return super().check_if_quantized_param(model, param_value, param_name, state_dict, **kwargs)
 
 
 # ---- calibration ----------------------------------------------------------------------------------------------------

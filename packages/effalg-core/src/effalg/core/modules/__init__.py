@@ -1,8 +1,10 @@
 """Quantized modules holding packed integer weights (compute through ``effalg.kernels``)."""
 
 from .base import QuantModuleBase, memory_footprint, prepack_model_, unpack_model_
+from .bos import BOSAwareWxA8Linear
 from .conv import QuantConv2d, W8A8Conv2d, WxA8Conv2d
 from .linear import QuantLinear, W4A8Linear, W8A8Linear, WeightOnlyLinear, WxA8Linear
+from .split import InputSplitConv2d
 
 __all__ = [
     "QuantModuleBase",
@@ -14,6 +16,8 @@ __all__ = [
     "QuantConv2d",
     "W8A8Conv2d",
     "WxA8Conv2d",
+    "BOSAwareWxA8Linear",
+    "InputSplitConv2d",
     "memory_footprint",
     "prepack_model_",
     "unpack_model_",
