@@ -8,6 +8,7 @@ import torch
 
 from effalg.core.eval import evaluate_lm, evaluate_t2i, fake_quantize_weights, format_table
 from effalg.core.eval.reference import LM_NAME, T2I_NAME, reference_models_dir
+from effalg.diffusers.reference_models import SD_T2I_NAME
 
 try:
     ROOT = reference_models_dir()
@@ -16,7 +17,8 @@ except FileNotFoundError:  # pragma: no cover
 
 
 def _have(name):
-    return ROOT is not None and (ROOT / name / ("model_index.json" if name == T2I_NAME else "config.json")).exists()
+    index = "config.json" if name == LM_NAME else "model_index.json"
+    return ROOT is not None and (ROOT / name / index).exists()
 
 
 @pytest.fixture(autouse=True)
@@ -60,4 +62,52 @@ def test_t2i_scores_and_3bit_damage():
     assert fp["color_acc"] > 0.5 and fp["bg_acc"] > 0.5  # chance 1/6
     assert fp["shape_acc"] > 0.5  # chance 1/3
     # Measured at commit time (per-tensor 3-bit RTN of the transformer): all-three accuracy 0.667 -> 0.417.
+    assert w3["all_acc"] < fp["all_acc"] - 0.15
+
+
+@pytest.mark.skipif(not _have(SD_T2I_NAME), reason="reference SD pipeline not trained")
+def test_sd_loads_plain_with_unet_and_causal_clip():
+    from diffusers import DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
+    from diffusers.models.attention import BasicTransformerBlock
+    from transformers import CLIPTextModel
+
+    from effalg.diffusers.reference_models import load_reference_t2i
+
+    pipe = DiffusionPipeline.from_pretrained(ROOT / SD_T2I_NAME)
+    assert type(pipe) is StableDiffusionPipeline and type(load_reference_t2i(SD_T2I_NAME)) is StableDiffusionPipeline
+    assert isinstance(pipe.unet, UNet2DConditionModel) and isinstance(pipe.text_encoder, CLIPTextModel)
+    assert pipe.unet.dtype == torch.float32  # stored in fp16, loaded as fp32
+    assert pipe.unet.config.cross_attention_dim == pipe.text_encoder.config.hidden_size
+    blocks = [m for m in pipe.unet.modules() if isinstance(m, BasicTransformerBlock)]
+    assert blocks and all(b.attn2 is not None and b.attn2.is_cross_attention and b.ff is not None for b in blocks)
+    # up-block resnets take the skip connection concatenated to their input
+    res = pipe.unet.up_blocks[-1].resnets[0]
+    assert isinstance(res.conv1, torch.nn.Conv2d) and res.conv1.in_channels > res.conv1.out_channels
+
+    # causal CLIP: the <|startoftext|> row is the same for every prompt (what MixDQ's BOS-aware quantization uses)
+    tok = pipe.tokenizer
+    prompts = ["a red circle on a blue background", "a white triangle on a purple background", ""]
+    ids = tok(prompts, padding="max_length", max_length=tok.model_max_length, return_tensors="pt").input_ids
+    assert (ids[:, 0] == tok.bos_token_id).all() and tok.unk_token_id not in ids[0, 1:8]  # word-level, no unk
+    assert ids[0, 8] == tok.eos_token_id
+    with torch.no_grad():
+        hid = pipe.text_encoder(ids)[0]
+    torch.testing.assert_close(hid[1:, 0], hid[:1, 0].expand(2, -1), rtol=0, atol=1e-6)
+    assert (hid[0, 2] - hid[1, 2]).abs().max() > 1e-2  # later rows depend on the prompt ("red" vs "white")
+
+
+@pytest.mark.skipif(not _have(SD_T2I_NAME), reason="reference SD pipeline not trained")
+def test_sd_scores_at_4_steps_and_3bit_damage():
+    from effalg.diffusers.reference_models import load_reference_t2i
+
+    torch.set_num_threads(1)  # the tiny UNet gains nothing from a 2nd thread, and loses 4x on a busy machine
+    pipe = load_reference_t2i(SD_T2I_NAME)
+    kw = dict(n_prompts=24, num_inference_steps=4, seed=0, n_real=256)
+    fp = evaluate_t2i(pipe, **kw)
+    assert fake_quantize_weights(pipe.unet, bits=3) > 0
+    w3 = evaluate_t2i(pipe, **kw)
+    print(format_table({"fp32": fp, "unet-w3-rtn": w3}))
+    assert fp["color_acc"] > 0.9 and fp["bg_acc"] > 0.9  # chance 1/6
+    assert fp["shape_acc"] > 0.7 and fp["all_acc"] > 0.7  # chance 1/3, 1/90
+    # Measured at commit time (per-tensor 3-bit RTN of the UNet): all-three accuracy 0.875 -> 0.625.
     assert w3["all_acc"] < fp["all_acc"] - 0.15

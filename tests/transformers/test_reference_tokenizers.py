@@ -2,7 +2,9 @@
 
 from effalg.core.eval import lm_tasks, shapes
 from effalg.core.eval.reference import LM_NAME, T2I_NAME, reference_models_dir
-from effalg.transformers.reference_models import build_lm_tokenizer, build_shapes_tokenizer
+from effalg.transformers.reference_models import build_lm_tokenizer, build_shapes_clip_tokenizer, build_shapes_tokenizer
+
+SD_T2I_NAME = "tiny-sd-shapes"  # effalg.diffusers.reference_models.SD_T2I_NAME (not imported: transformers-only test)
 
 
 def test_lm_tokenizer_matches_vocab():
@@ -19,6 +21,21 @@ def test_shapes_tokenizer_covers_captions_and_appends_eos():
     assert set(tok.convert_tokens_to_ids(shapes.WORDS)).isdisjoint({tok.pad_token_id, tok.eos_token_id, 2})
 
 
+def test_shapes_clip_tokenizer_is_word_level_with_bos_eos_padding():
+    tok = build_shapes_clip_tokenizer()
+    assert type(tok).__name__ == "CLIPTokenizer" and tok.model_max_length == 12
+    for word in shapes.WORDS:  # every caption word is one token
+        assert len(tok(word).input_ids) == 3, word
+    ids = tok("A Red  circle on a blue background", padding="max_length", max_length=tok.model_max_length).input_ids
+    assert tok.convert_ids_to_tokens(ids[:9]) == [
+        "<|startoftext|>", "a</w>", "red</w>", "circle</w>", "on</w>", "a</w>", "blue</w>", "background</w>",
+        "<|endoftext|>",
+    ]  # fmt: skip
+    assert ids[9:] == [tok.pad_token_id] * 3 and tok.pad_token_id == tok.eos_token_id == 1 and tok.bos_token_id == 0
+    assert tok("", padding="max_length", max_length=12).input_ids == [0] + [1] * 11
+    assert tok.decode(ids, skip_special_tokens=True) == "a red circle on a blue background"
+
+
 def test_same_vocab_as_the_committed_reference_models():
     """The builders reproduce the token ids saved with the trained reference models (where those exist)."""
     try:
@@ -27,7 +44,11 @@ def test_same_vocab_as_the_committed_reference_models():
         return
     from transformers import AutoTokenizer
 
-    for name, build, sub in ((LM_NAME, build_lm_tokenizer, ""), (T2I_NAME, build_shapes_tokenizer, "tokenizer")):
+    for name, build, sub in (
+        (LM_NAME, build_lm_tokenizer, ""),
+        (T2I_NAME, build_shapes_tokenizer, "tokenizer"),
+        (SD_T2I_NAME, build_shapes_clip_tokenizer, "tokenizer"),
+    ):
         folder = root / name / sub
         if (folder / "tokenizer.json").is_file():
             # (the committed LM tokenizer also holds an added ``<|endoftext|>`` after the task vocabulary)
