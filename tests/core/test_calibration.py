@@ -138,6 +138,11 @@ def test_range_collector_ema_splits_and_skipped_tokens():
     torch.testing.assert_close(r["conv"], torch.tensor([[5.0, 5.0], [-3.0, -3.0]]))
     with pytest.raises(ValueError, match="momentum"):
         RangeCollector({"lin": lin}, momentum=1.0)
+    batched = RangeCollector({"lin": lin}, momentum=0.5, calls_per_batch=2)  # min-max per batch, EMA across batches
+    with batched:
+        for v in (1.0, 4.0, 2.0):
+            lin(torch.full((1, 4), v))
+    torch.testing.assert_close(batched.ranges()["lin"], torch.tensor([[0.5 * 1 + 0.5 * 2, 0.5 * 4 + 0.5 * 2]]))
     bad = RangeCollector({"conv": conv}, splits={"conv": [1, 1]})
     with bad, pytest.raises(ValueError, match=r"channel ranges \[1, 1\] do not cover 6"):
         conv(c)

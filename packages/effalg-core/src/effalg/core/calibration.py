@@ -413,7 +413,9 @@ def static_act_qparams(lo: float, hi: float) -> tuple[float, int]:
 class RangeCollector:
     """Context manager recording EMA min-max ranges of module inputs (static per-tensor activations, MixDQ).
 
-    Per call and per channel range, ``r <- momentum * r + (1 - momentum) * (min, max)`` (the first call sets ``r``).
+    Calls are grouped in batches of ``calls_per_batch`` consecutive calls of a module (e.g. one prompt's denoising
+    steps, so that a batch covers every timestep); per batch and channel range, ``r <- momentum * r + (1 - momentum)
+    * (min, max)`` over the batch (the first batch sets ``r``; a last partial batch counts too).
 
     Args:
         modules: ``{name: module}``; the input's channel dim is 1 for ``nn.Conv*`` and the last dim otherwise.
@@ -421,6 +423,7 @@ class RangeCollector:
             so a hook that runs earlier in the same forward may fill it.
         skip_tokens: ``{name: n}``: the first ``n`` tokens (dim -2 of a linear's input) are left out (BOS tokens).
         momentum: EMA momentum in [0, 1) (MixDQ: 0.95).
+        calls_per_batch: calls of one module per EMA update (1: every call).
 
     ``ranges()`` gives ``{name: fp32 [n_ranges, 2]}`` (min, max) for the modules that ran.
     """
@@ -432,14 +435,19 @@ class RangeCollector:
         splits: Mapping[str, Iterable[int]] | None = None,
         skip_tokens: Mapping[str, int] | None = None,
         momentum: float = 0.95,
+        calls_per_batch: int = 1,
     ) -> None:
         if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum < 1.0:
             raise ValueError(f"RangeCollector: momentum must be a float in [0, 1), got {momentum!r}")
+        if isinstance(calls_per_batch, bool) or not isinstance(calls_per_batch, int) or calls_per_batch < 1:
+            raise ValueError(f"RangeCollector: calls_per_batch must be an int >= 1, got {calls_per_batch!r}")
         self.modules = _select_modules(None, modules)
         self.splits = splits if splits is not None else {}
         self.skip_tokens = dict(skip_tokens or {})
         self.momentum = float(momentum)
+        self.calls_per_batch = calls_per_batch
         self._ranges: dict[str, torch.Tensor] = {}
+        self._batch: dict[str, tuple[torch.Tensor, int]] = {}  # running (min, max) of the open batch, its calls
         self._handles: list[Any] = []
 
     def _record(self, name: str, module: nn.Module, x: torch.Tensor) -> None:
@@ -454,6 +462,18 @@ class RangeCollector:
             return
         parts = x.detach().split(sizes, dim=cdim)
         new = torch.stack([torch.stack([p.amin(), p.amax()]) for p in parts]).float().cpu()
+        open_ = self._batch.get(name)
+        if open_ is not None and open_[0].shape == new.shape:
+            new = torch.stack([torch.minimum(open_[0][:, 0], new[:, 0]), torch.maximum(open_[0][:, 1], new[:, 1])], 1)
+            n = open_[1] + 1
+        else:
+            n = 1
+        self._batch[name] = (new, n)
+        if n >= self.calls_per_batch:
+            self._close(name)
+
+    def _close(self, name: str) -> None:
+        new, _ = self._batch.pop(name)
         old = self._ranges.get(name)
         if old is None or old.shape != new.shape:
             self._ranges[name] = new
@@ -480,5 +500,7 @@ class RangeCollector:
         self._handles.clear()
 
     def ranges(self) -> dict[str, torch.Tensor]:
-        """``{name: [n_ranges, 2]}`` EMA (min, max) per channel range."""
+        """``{name: [n_ranges, 2]}`` EMA (min, max) per channel range (closing any partial batch)."""
+        for name in list(self._batch):
+            self._close(name)
         return {n: r.clone() for n, r in self._ranges.items()}

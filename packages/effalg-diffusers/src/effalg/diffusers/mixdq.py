@@ -503,8 +503,8 @@ def calibrate(
 
     What ``effalg.diffusers.calibrate`` runs for a :class:`MixDQConfig`. One float run over prompts x steps (tqdm;
     ``num_inference_steps``, ``guidance_scale``, generator ``seed + i``, other ``call_kwargs`` such as ``height``)
-    collects each layer's static activation range (EMA min-max with ``momentum`` over all timesteps and both CFG
-    branches; per channel range for the shortcut split unless ``split_shortcuts=False``; without the BOS token for
+    collects each layer's static activation range (min-max over each prompt's timesteps and both CFG branches, EMA
+    with ``momentum`` across prompts; per channel range for the shortcut split unless ``split_shortcuts=False``; without the BOS token for
     BOS-aware layers) and checks
     whether the BOS features are prompt-independent (then their float K/V rows are stored). Unless ``config.plan``
     is given, the ``float_layers`` most activation-sensitive layers (UNet output error with the layer alone at
@@ -535,7 +535,8 @@ def calibrate(
 
     # 1. float run: activation ranges (with the skip splits found on the way), BOS rows, recorded calls.
     splits: dict[str, list[int]] = {}
-    ranges = RangeCollector(layers, splits=splits, skip_tokens=dict.fromkeys(bos_layers, 1), momentum=momentum)
+    ranges = RangeCollector(layers, splits=splits, skip_tokens=dict.fromkeys(bos_layers, 1), momentum=momentum,
+                            calls_per_batch=num_inference_steps)  # fmt: skip
     bos = _BOSRecorder(model)
     handles = _skip_splits(model, layers, splits) if split_shortcuts else []
     try:
