@@ -10,6 +10,14 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 # reload checks (also in subprocesses, which inherit this) need a fixed count.
 os.environ.setdefault("MKL_DYNAMIC", "FALSE")
 os.environ.setdefault("OMP_DYNAMIC", "FALSE")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Two workers with two OpenMP threads each oversubscribe a 2-core machine: the tiny models' many small ops then
+    # wait on descheduled threads (measured: a tiny UNet forward 8 ms with 1 thread, 3 s with 2 under load).
+    # Subprocesses inherit the variable, so their float results match the worker's.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture

@@ -86,6 +86,7 @@ MIXDQ_DEFAULT_FLOAT_MODULES: tuple[str, ...] = (
     "encoder_hid_proj",
 )
 _MP_KEYS = ("avg_bits", "metric", "num_ratios", "num_targets")
+_MILP_SECONDS = 10.0  # per MILP of the sweep (a near-optimal candidate is fine: the pixel-error pick decides)
 
 
 def is_content_layer(name: str) -> bool:
@@ -640,7 +641,7 @@ def _search_bits(
     }
     candidates: list[dict[str, int]] = []
     if not decoupled:  # one MILP over all layers on the SQNR errors
-        candidates.append(allocate_bits(sens, sizes, avg_bits=avg).bits)
+        candidates.append(allocate_bits(sens, sizes, avg_bits=avg, time_limit=_MILP_SECONDS).bits)
     else:
         costs, norms = normalize_costs_by_group(sens, groups)
         meta["group_norms"] = norms
@@ -654,7 +655,7 @@ def _search_bits(
                 if (p_q and budgets["quality"] < 4.0) or (p_c and budgets["content"] < 2.0):
                     continue
                 try:
-                    alloc = allocate_bits_by_group(costs, sizes, groups, budgets)
+                    alloc = allocate_bits_by_group(costs, sizes, groups, budgets, time_limit=_MILP_SECONDS)
                 except ValueError:
                     continue
                 if alloc.bits not in candidates:
