@@ -1,12 +1,13 @@
 """Run every effalg benchmark in sequence (``bash scripts/dev.sh bench``, which also installs the peers of
-``requirements-bench.txt``: torchao, optimum-quanto; without them ``w8a8_pixart.py`` skips those rows)."""
+``requirements-bench.txt``: torchao, optimum-quanto; without them ``w8a8_pixart.py`` and ``mixdq_unet.py`` skip
+those rows)."""
 
 import os
 import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-BENCHMARKS = ["w8a8_pixart.py", "moa_speed.py", "moa_quality.py"]
+BENCHMARKS = ["w8a8_pixart.py", "mixdq_unet.py", "moa_speed.py", "moa_quality.py"]
 
 if __name__ == "__main__":
     for script in BENCHMARKS:

@@ -190,3 +190,34 @@ def test_wxa8_static_codes_bit_exact_and_int32_exact(bits):
     q, w = _wxa8_weight(24, 200, bits)
     out = K.wxa8_linear(xi.float(), w, torch.ones(24), bits, torch.ones(1), z, K.weight_rowsum(q))
     assert torch.equal(out.double(), xi.double() @ q.double().t())
+
+
+@pytest.mark.parametrize("bits,Kd", [(4, 2048), (4, 1030), (2, 2048), (2, 1027)])
+def test_wxa8_fused_weight_unpack_bit_exact(bits, Kd):
+    """2/4-bit codes unpacked per call in one fused pass over machine words (or the reference where K does not fit
+    the word layout) are the packed codes."""
+    q, w = _wxa8_weight(300, Kd, bits)
+    assert torch.equal(cpu._unpack_codes(w, bits, Kd), q)
+
+
+@pytest.mark.parametrize("bits", [2, 4, 8])
+@pytest.mark.parametrize("static", [False, True])
+def test_wxa8_conv2d_cpu_equals_unfold_path(bits, static):
+    """The CPU conv path (static codes quantized before an int8 unfold, dynamic scales from a max-pool, ``qw @ cols``
+    and an NCHW epilogue) equals ``F.unfold`` + ``wxa8_linear_cpu`` bit for bit, on sizes that take the fused passes,
+    and the float64 reference within rounding."""
+    import torch.nn.functional as F
+
+    C, N, geo = 64, 80, dict(kernel_size=(3, 2), stride=(2, 1), padding=(1, 1), dilation=(1, 2))
+    x = (torch.randn(2, C, 40, 37) * 2).to(torch.bfloat16)
+    q, w = _wxa8_weight(N, C * 6, bits)
+    w_scale, bias = torch.rand(N) * 0.01 + 1e-3, torch.randn(N).to(torch.bfloat16)
+    act = (torch.tensor([0.03]), torch.tensor([-9], dtype=torch.int32), K.weight_rowsum(q)) if static else (None,) * 3
+    y = cpu.wxa8_conv2d_cpu(x, w, w_scale, bits, *act, bias, *geo.values())
+    cols = F.unfold(x, geo["kernel_size"], geo["dilation"], geo["padding"], geo["stride"]).transpose(1, 2)
+    assert cols.shape[1] * N * 2 >= cpu.FUSED_QUANT_MIN_NUMEL
+    rows = cpu.wxa8_linear_cpu(cols, w, w_scale, bits, *act, bias).transpose(1, 2).reshape(y.shape)
+    ref = reference.wxa8_linear_ref(cols, w, w_scale, bits, *act, bias).transpose(1, 2).reshape(y.shape)
+    assert y.is_contiguous() and y.dtype == torch.bfloat16
+    assert torch.equal(y, rows)
+    assert _rel(y, ref) <= TOL[torch.bfloat16]

@@ -17,6 +17,7 @@ from torch import nn
 from torch.nn.modules.utils import _pair
 
 import effalg.kernels as _K
+from effalg.kernels.cpu import wxa8_conv2d_cpu as _wxa8_conv2d_cpu
 
 from ..quant.spec import Granularity, QuantSpec, compute_qparams, dequantize, quantize
 from ._int8 import Int8PrepackMixin
@@ -87,10 +88,13 @@ class QuantConv2d(QuantModuleBase):
         if conv.weight.is_meta:
             raise ValueError(f"{owner}: conv has meta weights; build the module on device='meta' and load a state dict")
 
-    def _unfold(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-        """``[B, C, H, W]`` -> rows ``[B, L, C*kh*kw]`` and the output spatial size."""
+    def _check_input(self, x: torch.Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_channels:
             raise ValueError(f"{type(self).__name__}: x must be [B, {self.in_channels}, H, W], got {tuple(x.shape)}")
+
+    def _unfold(self, x: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """``[B, C, H, W]`` -> rows ``[B, L, C*kh*kw]`` and the output spatial size."""
+        self._check_input(x)
         B, _, H, W = x.shape
         kh, kw = self.kernel_size
         (sh, sw), (ph, pw), (dh, dw) = self.stride, self.padding, self.dilation
@@ -185,7 +189,9 @@ class W8A8Conv2d(Int8PrepackMixin, QuantConv2d):
 class WxA8Conv2d(WxA8Mixin, QuantConv2d):
     """MixDQ W8A8 / W4A8 / W2A8 convolution: im2col + ``effalg.kernels.wxa8_linear``. ``qweight`` holds the
     flattened ``[O, I * kh * kw]`` codes (int8, or packed uint8 for 2/4 bits); static activations quantize the
-    zero padding to ``act_zero``, which the ``weight_rowsum`` correction cancels (MixDQ's padding propagation)."""
+    zero padding to ``act_zero``, which the ``weight_rowsum`` correction cancels (MixDQ's padding propagation).
+    On the CPU (eager) the same result comes from :func:`effalg.kernels.cpu.wxa8_conv2d_cpu` (int8 im2col, no
+    transposes); under ``torch.compile`` and on other devices from the unfold and the op."""
 
     _fp32_buffers: ClassVar[tuple[str, ...]] = WXA8_FP32_BUFFERS
 
@@ -232,7 +238,14 @@ class WxA8Conv2d(WxA8Mixin, QuantConv2d):
         return self._dequantized_2d(dtype).reshape(self.out_channels, self.in_channels, *self.kernel_size)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows, size = self._unfold(self.preprocess_input(x))
+        x = self.preprocess_input(x)
+        if x.device.type == "cpu" and not torch.compiler.is_compiling():
+            self._check_input(x)  # same result as below, without float im2col or transposes
+            return _wxa8_conv2d_cpu(
+                x, self.qweight, self.weight_scale, self._weight_bits, self.act_scale, self.act_zero,
+                self.weight_rowsum, self.bias, self.kernel_size, self.stride, self.padding, self.dilation,
+            )  # fmt: skip
+        rows, size = self._unfold(x)
         return self._fold_output(self._wxa8(rows), size)
 
     def _repr_extra(self) -> str:
