@@ -20,13 +20,6 @@ from effalg.diffusers import testing as T
 from effalg.diffusers.mixdq import is_bos_layer, is_content_layer
 
 
-def _call_kwargs(pipe):
-    kw = T.pipeline_kwargs(pipe)
-    for k in ("prompt", "num_inference_steps", "generator", "output_type"):
-        kw.pop(k)
-    return kw
-
-
 def _load(path, **kw):
     pipe = DiffusionPipeline.from_pretrained(path, **kw)
     pipe.set_progress_bar_config(disable=True)
@@ -36,7 +29,7 @@ def _load(path, **kw):
 def _calibrated(path, config, prompts=("a cat", "a dog", "a red bird"), steps=2, **kw):
     pipe = _load(path)
     out = ED.calibrate(
-        pipe, list(prompts), config, num_inference_steps=steps, progress=False, **_call_kwargs(pipe), **kw
+        pipe, list(prompts), config, num_inference_steps=steps, progress=False, **T.calibration_kwargs(pipe), **kw
     )
     assert out is pipe
     return pipe

@@ -28,13 +28,6 @@ def tiny_latte(tmp_path_factory):
     return path
 
 
-def _call_kwargs(pipe):
-    kw = T.pipeline_kwargs(pipe)
-    for k in ("prompt", "num_inference_steps", "generator", "output_type"):
-        kw.pop(k)
-    return kw
-
-
 def _load(path, **kw):
     pipe = DiffusionPipeline.from_pretrained(path, **kw)
     pipe.set_progress_bar_config(disable=True)
@@ -44,7 +37,7 @@ def _load(path, **kw):
 def _calibrated(path, config, prompts=("a cat", "a dog"), steps=2, **kw):
     pipe = _load(path)
     out = ED.calibrate(
-        pipe, list(prompts), config, num_inference_steps=steps, progress=False, **_call_kwargs(pipe), **kw
+        pipe, list(prompts), config, num_inference_steps=steps, progress=False, **T.calibration_kwargs(pipe), **kw
     )
     assert out is pipe
     return pipe
@@ -166,7 +159,7 @@ def test_empty_prompts_and_no_quantizable_layers(tiny_pixart_alpha):
 def test_calibrate_progress_bar(tiny_pixart_alpha, capsys):
     pipe = _load(tiny_pixart_alpha)
     ED.calibrate(
-        pipe, ["a cat", "a dog"], ViDiTQConfig(balance_layers=None), num_inference_steps=2, **_call_kwargs(pipe)
+        pipe, ["a cat", "a dog"], ViDiTQConfig(balance_layers=None), num_inference_steps=2, **T.calibration_kwargs(pipe)
     )
     err = capsys.readouterr().err
     assert "ViDiT-Q calibration" in err and "4/4" in err  # prompts x steps

@@ -18,6 +18,7 @@ from torch import nn
 
 __all__ = [
     "FACTORIES",
+    "calibration_kwargs",
     "denoiser_inputs",
     "inject_outlier_channels",
     "make_tiny_flux",
@@ -531,6 +532,15 @@ def pipeline_kwargs(pipe, seed: int = 0) -> dict[str, Any]:
         kw.update(height=8, width=8, max_sequence_length=16, guidance_scale=1.0)
     elif name == "LattePipeline":
         kw.update(height=16, width=16, video_length=4, clean_caption=False)
+    return kw
+
+
+def calibration_kwargs(pipe, seed: int = 0) -> dict[str, Any]:
+    """:func:`pipeline_kwargs` without ``prompt``, ``num_inference_steps``, ``generator`` and ``output_type``: the
+    call arguments ``effalg.diffusers.calibrate`` passes through."""
+    kw = pipeline_kwargs(pipe, seed)
+    for k in ("prompt", "num_inference_steps", "generator", "output_type"):
+        kw.pop(k)
     return kw
 
 
