@@ -181,6 +181,8 @@ class EffalgDiffusersConfig(QuantizationConfigMixin, PipelineQuantizationConfig)
     method: ClassVar[EffalgQuantMethod]
     core_config_cls: ClassVar[type[EffalgConfig]]
     _fields: ClassVar[tuple[str, ...]] = ()
+    #: Fields only ``effalg.diffusers.calibrate`` writes (set on a float checkpoint: a clear error at load).
+    calibrated_fields: ClassVar[tuple[str, ...]] = ()
     pipeline_components: ClassVar[tuple[str, ...]] = ("transformer", "unet")
 
     # PipelineQuantizationConfig protocol (read by DiffusionPipeline.from_pretrained); nothing is stored per instance.

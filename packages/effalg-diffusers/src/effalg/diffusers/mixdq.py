@@ -138,6 +138,7 @@ class MixDQConfig(EffalgDiffusersConfig):
     method = EffalgQuantMethod.MIXDQ
     core_config_cls = EffalgConfig
     pipeline_components = ("unet",)
+    calibrated_fields = ("static_act_layers", "split_layers", "bos_rows")
     _fields = (
         "weight_bits",
         "act_bits",
@@ -371,7 +372,7 @@ def _build(
     bos = cfg.bos_aware and is_bos_layer(name) and isinstance(module, nn.Linear)
     split = (cfg.split_layers or {}).get(name) if isinstance(module, nn.Conv2d) else None
     if module.weight.is_meta:
-        static = name in set(cfg.static_act_layers or ())
+        static = name in (cfg.static_act_layers or ())
         kw = dict(weight_bits=bits, static_act=static, device="meta", dtype=module.weight.dtype)
         has_bias = module.bias is not None
         if bos:
@@ -398,22 +399,6 @@ def _build(
 
 class MixDQQuantizer(EffalgDiffusersQuantizer):
     """diffusers quantizer for :class:`MixDQConfig` (quantize-on-load and pre-quantized checkpoints)."""
-
-    def _process_model_before_weight_loading(self, model, device_map=None, keep_in_fp32_modules=None, **kwargs):
-        cfg = self.quantization_config
-        if not self.pre_quantized:
-            calibrated = [f for f in ("static_act_layers", "split_layers", "bos_rows") if getattr(cfg, f)]
-            if calibrated:
-                raise ValueError(
-                    f"MixDQConfig.{calibrated[0]} is set but the checkpoint is not quantized: it comes from "
-                    "effalg.diffusers.calibrate(...)"
-                )
-            if cfg.mixed_precision is not None and cfg.plan is None:
-                raise ValueError(
-                    "MixDQConfig.mixed_precision needs calibration data: use effalg.diffusers.calibrate(pipe, prompts, "
-                    "config) (or pass a plan)"
-                )
-        return super()._process_model_before_weight_loading(model, device_map, keep_in_fp32_modules, **kwargs)
 
     def convert_module(self, module: nn.Module, name: str) -> nn.Module | None:
         return _build(self.quantization_config, module, name)
@@ -557,7 +542,6 @@ def calibrate(
             "MixDQ: the BOS features vary across prompts (non-causal text encoder?): BOS rows computed on the fly"
         )
     cfg.split_layers = {n: s for n, s in splits.items() if n in act and len(act[n]) > 1} or None
-    cfg.static_act_layers = sorted(act) or None
     cfg.bos_rows = "precomputed" if bos_row is not None else None
 
     cache: dict[tuple[str, int], nn.Module] = {}
@@ -576,7 +560,6 @@ def calibrate(
         ranked = sorted(layers, key=lambda n: -sens[n][8])
         float_layers = ranked[:n_float]
         logger.info("MixDQ: keeping the %d most activation-sensitive layer(s) in float: %s", n_float, float_layers)
-        cache = {k: v for k, v in cache.items() if k[1] != 8}  # free
 
     # 3. metric-decoupled mixed precision.
     quantized = [n for n in layers if n not in float_layers]

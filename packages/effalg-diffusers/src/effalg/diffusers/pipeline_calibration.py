@@ -372,8 +372,6 @@ class FinalImageMetric(LayerMetric):
             self.reference = [run.runner.run(p, i, "pt").float() for i, p in enumerate(run.recorded_prompts)]
 
     def error(self, run: CalibrationRun, layer: str | None = None) -> float:
-        if not self.reference:
-            self.prepare(run, [])
         errs = [self.compare(ref, run.runner.run(p, i, "pt").float()) for i, (p, ref) in
                 enumerate(zip(run.recorded_prompts, self.reference))]  # fmt: skip
         return sum(errs) / len(errs)

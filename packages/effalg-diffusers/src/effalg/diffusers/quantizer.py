@@ -109,7 +109,26 @@ class EffalgDiffusersQuantizer(DiffusersQuantizer):
         ]
         return loaded_keys
 
+    def _check_quantize_on_load(self) -> None:
+        """A float checkpoint cannot carry what calibration computes: fields in ``calibrated_fields``, or a
+        ``mixed_precision`` search without a ``plan``."""
+        cfg = self.quantization_config
+        name = type(cfg).__name__
+        for field in cfg.calibrated_fields:
+            if getattr(cfg, field, None):
+                raise ValueError(
+                    f"{name}.{field} is set but the checkpoint is not quantized: it comes from "
+                    "effalg.diffusers.calibrate(...)"
+                )
+        if getattr(cfg, "mixed_precision", None) is not None and getattr(cfg, "plan", None) is None:
+            raise ValueError(
+                f"{name}.mixed_precision needs calibration data: use effalg.diffusers.calibrate(pipe, prompts, config) "
+                "(or pass a plan)"
+            )
+
     def _process_model_before_weight_loading(self, model, device_map=None, keep_in_fp32_modules=None, **kwargs):
+        if not self.pre_quantized:
+            self._check_quantize_on_load()
         cfg = self.quantization_config.resolved_for(model)
         self.quantization_config = cfg
         model.register_to_config(quantization_config=cfg)  # what save_pretrained writes (resolved names)

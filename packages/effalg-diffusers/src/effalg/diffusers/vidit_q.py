@@ -118,6 +118,7 @@ class ViDiTQConfig(EffalgDiffusersConfig):
 
     method = EffalgQuantMethod.VIDIT_Q
     core_config_cls = LinearQuantConfig
+    calibrated_fields = ("smoothed_layers",)
     _fields = (
         "weight_bits",
         "act_bits",
@@ -345,20 +346,8 @@ class ViDiTQQuantizer(EffalgDiffusersQuantizer):
     """diffusers quantizer for :class:`ViDiTQConfig` (quantize-on-load and pre-quantized checkpoints)."""
 
     def _process_model_before_weight_loading(self, model, device_map=None, keep_in_fp32_modules=None, **kwargs):
-        cfg = self.quantization_config
-        if not self.pre_quantized:
-            if cfg.smoothed_layers:
-                raise ValueError(
-                    "ViDiTQConfig.smoothed_layers is set but the checkpoint is not quantized: smooth scales come from "
-                    "effalg.diffusers.calibrate(...)"
-                )
-            if cfg.mixed_precision is not None and cfg.plan is None:
-                raise ValueError(
-                    "ViDiTQConfig.mixed_precision needs calibration data: use effalg.diffusers.calibrate(pipe, prompts, "
-                    "config) (or pass a plan)"
-                )
-            if cfg.smooth_alpha is not None:
-                logger.info("ViDiT-Q: quantize-on-load has no activation statistics; smoothing needs calibrate()")
+        if not self.pre_quantized and self.quantization_config.smooth_alpha is not None:
+            logger.info("ViDiT-Q: quantize-on-load has no activation statistics; smoothing needs calibrate()")
         return super()._process_model_before_weight_loading(model, device_map, keep_in_fp32_modules, **kwargs)
 
     def convert_module(self, module: nn.Module, name: str) -> nn.Module | None:

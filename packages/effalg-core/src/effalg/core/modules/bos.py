@@ -75,19 +75,7 @@ class BOSAwareWxA8Linear(WxA8Linear):
     ) -> BOSAwareWxA8Linear:
         """Quantize ``linear`` for tokens 1.. (see :meth:`WxA8Linear.from_float`); ``bos_input`` (``[K]``, the
         prompt-independent BOS features) stores the precomputed float BOS row, else the float weight is kept."""
-        if not isinstance(linear, nn.Linear) or linear.weight.is_meta:
-            raise TypeError(f"{cls.__name__}.from_float: linear must be an nn.Linear with real weights")
-        mod = cls(
-            linear.in_features, linear.out_features, linear.bias is not None, precomputed=bos_input is not None,
-            weight_bits=weight_bits, device=linear.weight.device, dtype=linear.weight.dtype,
-        )  # fmt: skip
-        mod._set_weight_from_float(linear.weight.detach().float())
-        if linear.bias is not None:
-            mod.bias.data.copy_(linear.bias.detach())
-        if act_scale is not None:
-            mod.set_act_qparams(act_scale, act_zero)
-        elif act_zero is not None:
-            raise ValueError(f"{cls.__name__}.from_float: act_zero requires act_scale")
+        mod = super().from_float(linear, weight_bits=weight_bits, act_scale=act_scale, act_zero=act_zero, prepack=False)
         with torch.no_grad():
             if bos_input is not None:
                 h = torch.as_tensor(bos_input).detach().reshape(-1).float().to(linear.weight.device)
@@ -99,6 +87,7 @@ class BOSAwareWxA8Linear(WxA8Linear):
                 b = None if linear.bias is None else linear.bias.detach().float()
                 mod.bos_output = F.linear(h, linear.weight.detach().float(), b)
                 mod.bos_input = h.clone()
+                mod.bos_weight = None
             else:
                 mod.bos_weight = linear.weight.detach().clone()
         if prepack:
