@@ -18,7 +18,7 @@ score density (kept fraction of the causal score matrix, ``plan.score_density(N)
 Measured: prefill time (one forward of N tokens, ``logits_to_keep=1``; only at ``--prefill-lengths``, dense causal
 prefill at 32k takes minutes on a small CPU), decode tokens/s (model steps on a cache holding N tokens; the cache is
 filled with random K/V so that every length can be measured), decode-attention time per step (the attention op of one
-layer alone: ``effalg.kernels.moa_decode_attention`` over the compact cache vs. sdpa over the dense cache, both as
+layer alone: ``effalg.kernels.band_decode_attention`` over the compact cache vs. sdpa over the dense cache, both as
 transformers calls it (``enable_gqa``) and with the query heads grouped per KV head, the faster dense form on the CPU)
 and the KV-cache bytes. Speed is reported as ratios to dense from the same run.
 
@@ -119,7 +119,7 @@ def decode_tok_s(model, cache, n: int, steps: int) -> float:
 
 def attn_decode_ms(model, cache, reps: int) -> tuple[float, float | None]:
     """Median time of one layer's decode attention on ``cache`` (layer 0). Dense: ``(sdpa as transformers calls it
-    (enable_gqa), sdpa with the query heads grouped per KV head [B, Hkv, n_rep, D])``; MoA: ``(moa_decode, None)``."""
+    (enable_gqa), sdpa with the query heads grouped per KV head [B, Hkv, n_rep, D])``; MoA: ``(band_decode_attention, None)``."""
     import effalg.kernels as K
 
     cfg = model.config
@@ -133,7 +133,7 @@ def attn_decode_ms(model, cache, reps: int) -> tuple[float, float | None]:
         grouped = lambda: F.scaled_dot_product_attention(qg, k, v, scale=scale)  # noqa: E731
         return median_ms(sdpa, warmup=3, reps=reps), median_ms(grouped, warmup=3, reps=reps)
     length = layer.length()
-    fn = lambda: K.moa_decode_attention(q, layer.keys, layer.values, layer.head_start, length, scale)  # noqa: E731
+    fn = lambda: K.band_decode_attention(q, layer.keys, layer.values, layer.head_start, length, scale)  # noqa: E731
     return median_ms(fn, warmup=3, reps=reps), None
 
 

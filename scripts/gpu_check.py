@@ -11,11 +11,13 @@ the remaining ones still run). Budget: under 10 minutes on one H100/H200-class G
    (``F.linear``) and ``torch._int_mm`` at M in {16, 2048, 8192} and (N, K) in {(1152, 1152), (4608, 1152),
    (1152, 4608), (4096, 4096)}: ms, TFLOP/s, speed-up vs bf16.
 3. ``weight_only``: W4 group-128 ``weight_only_linear`` (decode GEMV / small GEMM) at M in {1, 16} vs bf16.
-4. ``moa_decode``: ``moa_decode_attention`` over the compact cache (batch 4, 32 query / 8 KV heads, head_dim 128, bf16,
+4. ``moa_decode``: ``band_decode_attention`` over the compact cache (batch 4, 32 query / 8 KV heads, head_dim 128, bf16,
    context N in {16384, 65536}, each KV head keeping density * N slots, density 0.5 and 0.25) vs SDPA on the dense
    cache (default backend and FLASH_ATTENTION; native GQA where SDPA accepts it, else KV heads repeated).
-5. ``moa_prefill``: band+sink ``moa_prefill_attention`` (L 8192 / 16384, window 512 / 2048, sink 64) vs causal SDPA.
-6. ``pixart``: benchmarks/w8a8_pixart.py's PixArt-alpha-dimension transformer (4 blocks, 2 x 1024 tokens), bf16
+5. ``moa_prefill``: causal band+sink ``band_attention`` (L 8192 / 16384, window 512 / 2048, sink 64) vs causal SDPA.
+6. ``dit_band``: non-causal ``band_attention`` (DiTFastAttn) at PixArt dims (batch 2, 16 heads, head_dim 72, L 4096 /
+   16384, a band of L / 8 per side, without and with 120 global text tokens) vs full SDPA.
+7. ``pixart``: benchmarks/w8a8_pixart.py's PixArt-alpha-dimension transformer (4 blocks, 2 x 1024 tokens), bf16
    eager vs ViDiT-Q W8A8 / W4A8 (with and without rotation), quantized exactly as its ``vidit_q_variants`` does
    (quantize-on-load on the CPU), then moved to CUDA.
 
@@ -56,14 +58,16 @@ from common import format_table, relative_error  # noqa: E402
 NK = ((1152, 1152), (4608, 1152), (1152, 4608), (4096, 4096))
 SHAPES = {
     "full": dict(gemm_m=(16, 2048, 8192), nk=NK, wo_m=(1, 16), decode_b=4, decode_n=(16384, 65536),
-                 densities=(0.5, 0.25), prefill_l=(8192, 16384), windows=(512, 2048), sink=64, blocks=4),
+                 densities=(0.5, 0.25), prefill_l=(8192, 16384), windows=(512, 2048), sink=64, band_l=(4096, 16384),
+                 blocks=4),
     "quick": dict(gemm_m=(16, 2048), nk=NK[::3], wo_m=(1, 16), decode_b=4, decode_n=(16384,), densities=(0.5,),
-                  prefill_l=(8192,), windows=(512,), sink=64, blocks=4),
+                  prefill_l=(8192,), windows=(512,), sink=64, band_l=(4096,), blocks=4),
     # CPU smoke run of this script's own logic (--dry-run-cpu): tiny shapes, wall-clock timing, numbers meaningless.
     "dry": dict(gemm_m=(16, 32), nk=((64, 128),), wo_m=(1,), decode_b=1, decode_n=(512,), densities=(0.5,),
-                prefill_l=(256,), windows=(64,), sink=16, blocks=1),
+                prefill_l=(256,), windows=(64,), sink=16, band_l=(256,), blocks=1),
 }  # fmt: skip
 HQ, HKV, HEAD_DIM = 32, 8, 128  # Llama-style GQA
+DIT_B, DIT_H, DIT_D, DIT_TEXT = 2, 16, 72, 120  # PixArt-alpha attention: batch 2 (CFG), 16 heads of 72, 120 text
 TEST_RUNS = (  # (name, pytest arguments, timeout in s)
     ("pytest -m cuda tests/kernels", ["-m", "cuda", "tests/kernels"], 150),
     ("Triton kernel tests", ["tests/kernels/test_triton.py", "tests/kernels/test_attention.py",
@@ -76,6 +80,8 @@ TITLES = {
     "moa_decode": f"MoA decode vs SDPA on the dense cache ({HQ} q / {HKV} kv heads, d {HEAD_DIM}, bf16; "
     "x vs R = R ms / ms; GB/s: unique K+V bytes read per second)",
     "moa_prefill": f"MoA prefill (band + sink) vs causal SDPA ({HQ} q / {HKV} kv heads, d {HEAD_DIM}, bf16, batch 1)",
+    "dit_band": f"DiTFastAttn non-causal band attention vs full SDPA ({DIT_H} heads, d {DIT_D}, bf16, batch {DIT_B}, "
+    "window L / 8 per side)",
     "pixart": "PixArt-alpha-dimension transformer (benchmarks/w8a8_pixart.py), batch 2 x 1024 tokens",
 }
 
@@ -292,8 +298,8 @@ def _decode_case(rows, bench, K, q, kd, vd, densities):
             length = torch.full((B, HKV), cap, device=q.device, dtype=torch.int64)
             args = (q, kc, vc, head_start, length)
             variants = {
-                "effalg moa_decode_attention": lambda a=args: K.moa_decode_attention(*a),
-                "torch.ops.effalg (no checks)": lambda a=args: torch.ops.effalg.moa_decode_attention(*a, D**-0.5),
+                "effalg band_decode_attention": lambda a=args: K.band_decode_attention(*a),
+                "torch.ops.effalg (no checks)": lambda a=args: torch.ops.effalg.band_decode_attention(*a, D**-0.5),
             }
             timed(rows, dict(B=B, N=N, density=density), variants, bench,
                   refs={"SDPA": ref.get("SDPA default"), "flash": ref.get("SDPA flash")},
@@ -321,7 +327,7 @@ def _prefill_case(rows, bench, K, q, k, v, windows, sink):
     snk = torch.full((HKV,), sink, dtype=torch.int64, device=q.device)
     for W in windows:
         win = torch.full((HKV,), W, dtype=torch.int64, device=q.device)
-        variants = {"effalg moa_prefill_attention": lambda w=win: K.moa_prefill_attention(q, k, v, w, snk)}
+        variants = {"effalg band_attention causal": lambda w=win: K.band_attention(q, k, v, w, snk, causal=True)}
         timed(rows, dict(L=L, window=W, sink=sink), variants, bench,
               refs={"SDPA": ref.get("SDPA causal default"), "flash": ref.get("SDPA causal flash")})  # fmt: skip
 
@@ -334,6 +340,31 @@ def sec_moa_prefill(rows, cfg, dev, bench, args):
             q = torch.randn(1, HQ, L, HEAD_DIM, device=dev, dtype=torch.bfloat16)
             k, v = (torch.randn(1, HKV, L, HEAD_DIM, device=dev, dtype=torch.bfloat16) for _ in range(2))
             _prefill_case(rows, bench, K, q, k, v, cfg["windows"], cfg["sink"])
+
+
+def _dit_band_case(rows, bench, K, q, k, v):
+    L = q.shape[2]
+    dense = {
+        "SDPA default": attempt(lambda: sdpa(q, k, v, False)),
+        "SDPA flash": attempt(lambda: sdpa(q, k, v, False, "FLASH_ATTENTION")),
+    }
+    ref = timed(rows, dict(L=L, window="full"), dense, bench, refs={"SDPA": "SDPA default"})
+    W = L // 8 + 1
+    variants = {
+        "effalg band_attention": lambda: K.band_attention(q, k, v, W),
+        f"effalg band_attention + {DIT_TEXT} global": lambda: K.band_attention(q, k, v, W, DIT_TEXT),
+    }
+    timed(rows, dict(L=L, window=W), variants, bench,
+          refs={"SDPA": ref.get("SDPA default"), "flash": ref.get("SDPA flash")})  # fmt: skip
+
+
+def sec_dit_band(rows, cfg, dev, bench, args):
+    import effalg.kernels as K
+
+    for L in cfg["band_l"]:
+        with guard(rows, dict(L=L)):
+            q, k, v = (torch.randn(DIT_B, DIT_H, L, DIT_D, device=dev, dtype=torch.bfloat16) for _ in range(3))
+            _dit_band_case(rows, bench, K, q, k, v)
 
 
 def sec_pixart(rows, cfg, dev, bench, args):
@@ -371,7 +402,7 @@ def sec_pixart(rows, cfg, dev, bench, args):
 
 
 SECTIONS = {"tests": sec_tests, "gemm": sec_gemm, "weight_only": sec_weight_only, "moa_decode": sec_moa_decode,
-            "moa_prefill": sec_moa_prefill, "pixart": sec_pixart}  # fmt: skip
+            "moa_prefill": sec_moa_prefill, "dit_band": sec_dit_band, "pixart": sec_pixart}  # fmt: skip
 
 
 # ---------------------------------------------------------------------------------------------------- output

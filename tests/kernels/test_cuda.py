@@ -16,7 +16,7 @@ import torch
 
 import effalg.kernels as K
 from effalg.kernels import packing, reference
-from effalg.kernels.attention_reference import moa_decode_attention_ref, moa_prefill_attention_ref
+from effalg.kernels.attention_reference import band_attention_ref, band_decode_attention_ref
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -145,17 +145,30 @@ def test_smooth_hadamard(dtype):
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_moa_prefill_attention(dtype):
+@pytest.mark.parametrize("causal", [True, False])
+def test_band_attention(dtype, causal):
     B, Hq, Hkv, L, D = 2, 8, 2, 700, 128
     q, k, v = (_randn(B, h, L, D, dtype=dtype, seed=40 + i) for i, h in enumerate((Hq, Hkv, Hkv)))
     window, sink, pad = torch.tensor([64, 300]), torch.tensor([4, 32]), torch.tensor([0, 37])
-    y = K.moa_prefill_attention(*_cuda(q, k, v, window, sink, pad))
-    _close(y, moa_prefill_attention_ref(q, k, v, window, sink, pad, D**-0.5), ATTN_TOL)
+    y = K.band_attention(*_cuda(q, k, v, window, sink, pad), causal=causal)
+    _close(y, band_attention_ref(q, k, v, window, sink, pad, D**-0.5, causal), ATTN_TOL)
     assert not y[1, :, :37].any()  # padding query rows output zeros
 
 
 @pytest.mark.parametrize("dtype", DTYPES)
-def test_moa_decode_attention(dtype):
+def test_band_attention_pixart_dims(dtype):
+    # DiTFastAttn at PixArt widths: 16 heads of 72 (padded to 128-wide tiles), 120 global text tokens first, a band
+    # of +-128 over the image tokens.
+    B, H, L, D = 2, 16, 1144, 72
+    q, k, v = (_randn(B, H, L, D, dtype=dtype, seed=45 + i) for i in range(3))
+    y = K.band_attention(*_cuda(q, k, v), 129, 120)
+    zero = torch.zeros(H, dtype=torch.long)
+    _close(y, band_attention_ref(q, k, v, zero + 129, zero + 120, torch.zeros(B, dtype=torch.long), D**-0.5, False),
+           ATTN_TOL)  # fmt: skip
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_band_decode_attention(dtype):
     # Llama-style GQA (32 query heads over 8 KV heads, head_dim 128); segments of unequal capacity, one empty,
     # lengths below capacity and a zero length (zeros out); dead slots hold garbage.
     B, Hq, D = 3, 32, 128
@@ -168,8 +181,8 @@ def test_moa_decode_attention(dtype):
     length = (torch.rand(B, len(cap), generator=_gen(53)) * (c + 1)).long().clamp(max=c)
     length[0] = c  # every segment full
     length[1, 0] = 0
-    y = K.moa_decode_attention(*_cuda(q, kc, vc, head_start, length))
-    _close(y, moa_decode_attention_ref(q, kc, vc, head_start, length, D**-0.5), ATTN_TOL)
+    y = K.band_decode_attention(*_cuda(q, kc, vc, head_start, length))
+    _close(y, band_decode_attention_ref(q, kc, vc, head_start, length, D**-0.5), ATTN_TOL)
     assert not y[1, :4].any() and not y[:, 12:16].any()  # zero length / empty segment
 
 
@@ -177,7 +190,7 @@ def test_ops_dispatch_to_triton_on_cuda():
     from effalg.kernels import triton as tk
 
     for op in ("quantize_per_token", "int8_scaled_mm", "w8a8_linear", "w4a8_linear", "weight_only_linear",
-               "smooth_hadamard", "moa_prefill_attention", "moa_decode_attention"):  # fmt: skip
+               "smooth_hadamard", "band_attention", "band_decode_attention"):  # fmt: skip
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"effalg::{op}", "CUDA"), op
     x = _randn(300, 1152, dtype=torch.bfloat16, seed=60).to(DEV)
     w, w_scale = _cuda(*_int8_weight(1152, 1152, 61))

@@ -10,7 +10,7 @@ import torch as _torch
 from . import _attention_ops, _ops  # noqa: F401  (declare the op schemas)
 from . import attention_cpu as _attention_cpu
 from . import cpu as _cpu
-from .attention import moa_decode_attention, moa_prefill_attention
+from .attention import band_attention, band_decode_attention
 from .ops import (
     MAX_HADAMARD_BLOCK,
     MAX_INT8_K,
@@ -56,11 +56,11 @@ __all__ = [
     "SUPPORTED_BITS",
     "WEIGHT_ONLY_BITS",
     "WXA8_BITS",
+    "band_attention",
+    "band_decode_attention",
     "configure_allocator",
     "hadamard_block_size",
     "int8_scaled_mm",
-    "moa_decode_attention",
-    "moa_prefill_attention",
     "pack_bits",
     "pack_int2_symmetric",
     "pack_int4_symmetric",

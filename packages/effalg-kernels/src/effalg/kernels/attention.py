@@ -1,20 +1,20 @@
-"""Public, validating entry points to the MoA attention ops (``torch.ops.effalg.moa_*``).
+"""Public, validating entry points to the band attention ops (``torch.ops.effalg.band_*``).
 
 Shapes, dtypes and devices are checked here; value checks (window >= 1, sink >= 0, pad in range, head_start
-monotone, length <= capacity) read the small integer tensors and are skipped while ``torch.compile`` traces.
-A ``ValueError`` / ``TypeError`` names the argument at fault.
+monotone, length <= capacity) read the small integer tensors and are skipped while ``torch.compile`` traces (a python
+int ``window`` / ``sink`` is always checked). A ``ValueError`` / ``TypeError`` names the argument at fault.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
-from . import _attention_ops  # noqa: F401  (declares torch.ops.effalg.moa_*)
+from . import _attention_ops  # noqa: F401  (declares torch.ops.effalg.band_*)
 
-__all__ = ["moa_prefill_attention", "moa_decode_attention"]
+__all__ = ["band_attention", "band_decode_attention"]
 
 _FLOATS = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -38,6 +38,17 @@ def _index(fn: str, name: str, t, shape: tuple, device: torch.device) -> torch.T
     return t.to(device=device, dtype=torch.int64)
 
 
+def _per_head(fn: str, name: str, x, Hkv: int, device: torch.device, low: int) -> torch.Tensor:
+    """``x`` (a python int for every KV head, or an int64 tensor ``[Hkv]``) as an int64 ``[Hkv]`` tensor."""
+    if isinstance(x, torch.Tensor):
+        return _index(fn, name, x, (Hkv,), device)
+    if isinstance(x, bool) or not isinstance(x, int):
+        raise TypeError(f"{fn}: {name} must be an int or an int64 tensor [Hkv={Hkv}], got {type(x).__name__}")
+    if x < low:
+        raise ValueError(f"{fn}: {name} must be >= {low}, got {x}")
+    return torch.full((Hkv,), x, dtype=torch.int64, device=device)
+
+
 def _scale(fn: str, scale, D: int) -> float:
     if scale is None:
         return D**-0.5
@@ -50,29 +61,37 @@ def _checking() -> bool:
     return not torch.compiler.is_compiling()
 
 
-def moa_prefill_attention(
+def band_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
-    window: torch.Tensor,
-    sink: torch.Tensor,
+    window: Union[int, torch.Tensor],
+    sink: Union[int, torch.Tensor, None] = None,
     pad: Optional[torch.Tensor] = None,
     scale: Optional[float] = None,
+    causal: bool = False,
 ) -> torch.Tensor:
-    """Per-KV-head band+sink causal attention (MoA prefill).
+    """Per-KV-head band attention with global (sink) tokens: MoA prefill (causal) and DiTFastAttn (non-causal).
+
+    In row ``b`` the query at ``i >= pad[b]`` sees key ``j`` iff ``pad[b] <= j`` and (``not causal`` or ``j <= i``)
+    and (``|i - j| < window`` or ``j - pad[b] < sink`` or (``not causal`` and ``i - pad[b] < sink``)); padding query
+    rows output zeros (:mod:`effalg.kernels.attention_reference`).
 
     Args:
         q: ``[B, Hq, L, D]`` queries (float32/bfloat16/float16).
         k, v: ``[B, Hkv, L, D]`` keys/values in q's dtype, ``Hq % Hkv == 0``; query head ``h`` uses KV head
             ``h // (Hq // Hkv)``.
-        window: int64 ``[Hkv]``, ``>= 1``: the query at ``i`` sees keys ``i - window + 1 .. i``.
-        sink: int64 ``[Hkv]``, ``>= 0``: the first ``sink`` real tokens of each row are always visible.
-        pad: int64 ``[B]`` left-padding counts in ``[0, L]`` (default zeros); padding query rows output zeros.
+        window: ``>= 1``, an int (every KV head) or int64 ``[Hkv]``: the band is ``window - 1`` tokens on each side
+            of the query (causal: to its left only).
+        sink: ``>= 0``, an int or int64 ``[Hkv]`` (default 0): the first ``sink`` real tokens of each row are seen by
+            every query and, non-causal, see every key.
+        pad: int64 ``[B]`` left-padding counts in ``[0, L]`` (default zeros).
         scale: softmax scale (default ``D ** -0.5``).
+        causal: keys right of the query are never seen (MoA); ``False`` for bidirectional DiT attention.
 
     Returns ``[B, Hq, L, D]`` in q's dtype.
     """
-    fn = "moa_prefill_attention"
+    fn = "band_attention"
     _float(fn, "q", q, 4)
     _float(fn, "k", k, 4)
     _float(fn, "v", v, 4)
@@ -89,21 +108,23 @@ def moa_prefill_attention(
     for name, t in (("k", k), ("v", v)):
         if t.device != q.device:
             raise ValueError(f"{fn}: {name} is on {t.device} but q is on {q.device}")
-    window = _index(fn, "window", window, (Hkv,), q.device)
-    sink = _index(fn, "sink", sink, (Hkv,), q.device)
+    if not isinstance(causal, bool):
+        raise TypeError(f"{fn}: causal must be a bool, got {type(causal).__name__}")
+    window_t = _per_head(fn, "window", window, Hkv, q.device, 1)
+    sink_t = _per_head(fn, "sink", 0 if sink is None else sink, Hkv, q.device, 0)
     pad = torch.zeros(B, dtype=torch.int64, device=q.device) if pad is None else _index(fn, "pad", pad, (B,), q.device)
     scale = _scale(fn, scale, D)
     if _checking():
-        if Hkv and int(window.min()) < 1:
-            raise ValueError(f"{fn}: window must be >= 1 for every KV head, got {window.tolist()}")
-        if Hkv and int(sink.min()) < 0:
-            raise ValueError(f"{fn}: sink must be >= 0 for every KV head, got {sink.tolist()}")
+        if isinstance(window, torch.Tensor) and int(window_t.min()) < 1:
+            raise ValueError(f"{fn}: window must be >= 1 for every KV head, got {window_t.tolist()}")
+        if isinstance(sink, torch.Tensor) and int(sink_t.min()) < 0:
+            raise ValueError(f"{fn}: sink must be >= 0 for every KV head, got {sink_t.tolist()}")
         if B and (int(pad.min()) < 0 or int(pad.max()) > L):
             raise ValueError(f"{fn}: pad must lie in [0, L={L}], got {pad.tolist()}")
-    return torch.ops.effalg.moa_prefill_attention(q, k, v, window, sink, pad, scale)
+    return torch.ops.effalg.band_attention(q, k, v, window_t, sink_t, pad, scale, causal)
 
 
-def moa_decode_attention(
+def band_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -111,7 +132,7 @@ def moa_decode_attention(
     length: torch.Tensor,
     scale: Optional[float] = None,
 ) -> torch.Tensor:
-    """One decode step of attention over MoA's compact per-KV-head cache.
+    """One decode step of band attention over a compact per-KV-head cache (MoA decode).
 
     Args:
         q: ``[B, Hq, D]`` queries of the new token.
@@ -124,7 +145,7 @@ def moa_decode_attention(
 
     Returns ``[B, Hq, D]`` in q's dtype.
     """
-    fn = "moa_decode_attention"
+    fn = "band_decode_attention"
     _float(fn, "q", q, 3)
     _float(fn, "k_cache", k_cache, 3)
     _float(fn, "v_cache", v_cache, 3)
@@ -161,4 +182,4 @@ def moa_decode_attention(
             raise ValueError(f"{fn}: length must be >= 0, got {length.tolist()}")
         if B and bool((length > cap).any()):
             raise ValueError(f"{fn}: length exceeds the segment capacity {cap.tolist()}: {length.tolist()}")
-    return torch.ops.effalg.moa_decode_attention(q, k_cache, v_cache, head_start, length, scale)
+    return torch.ops.effalg.band_decode_attention(q, k_cache, v_cache, head_start, length, scale)

@@ -1,23 +1,30 @@
-"""Plain-PyTorch references of the MoA attention ops (they define the meaning; dense, for tests and fallback).
+"""Plain-PyTorch references of the band attention ops (they define the meaning; dense, for tests and fallback).
 
 Mask semantics (the single source of truth): in batch row ``b`` with ``pad[b]`` left-padding tokens, the query at
-index ``i >= pad[b]`` sees key ``j`` iff ``pad[b] <= j <= i`` and (``i - j < window[h]`` or ``j - pad[b] < sink[h]``),
-``h`` being the query head's KV head. Padding query rows (``i < pad[b]``) output zeros. Both references build the
-explicit boolean mask and run dense attention in float64 on CPU (float32 elsewhere).
+index ``i >= pad[b]`` sees key ``j`` iff ``pad[b] <= j`` and (``not causal`` or ``j <= i``) and
+(``|i - j| < window[h]`` or ``j - pad[b] < sink[h]`` or (``not causal`` and ``i - pad[b] < sink[h]``)), ``h`` being
+the query head's KV head. Padding query rows (``i < pad[b]``) output zeros.
+
+* ``causal=True`` (MoA prefill): the last ``window`` tokens up to the query plus the first ``sink`` real tokens.
+* ``causal=False`` (DiTFastAttn): a symmetric band of ``window - 1`` tokens on each side of the query in the flattened
+  token order, plus ``sink`` global tokens at the start of the row (MMDiT text tokens placed first) that every query
+  sees and that themselves see every key.
+
+Both references build the explicit boolean mask and run dense attention in float64 on CPU (float32 elsewhere).
 """
 
 from __future__ import annotations
 
 import torch
 
-__all__ = ["band_sink_mask", "moa_prefill_attention_ref", "decode_slot_mask", "moa_decode_attention_ref"]
+__all__ = ["band_sink_mask", "band_attention_ref", "decode_slot_mask", "band_decode_attention_ref"]
 
 
 def _acc_dtype(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.device.type == "cpu" else torch.float32
 
 
-def band_sink_mask(L: int, window: torch.Tensor, sink: torch.Tensor, pad: torch.Tensor) -> torch.Tensor:
+def band_sink_mask(L: int, window: torch.Tensor, sink: torch.Tensor, pad: torch.Tensor, causal: bool) -> torch.Tensor:
     """Boolean ``[B, Hkv, L, L]`` mask (query index, key index): True where the query sees the key."""
     dev = window.device
     i = torch.arange(L, device=dev).view(1, 1, L, 1)
@@ -25,7 +32,10 @@ def band_sink_mask(L: int, window: torch.Tensor, sink: torch.Tensor, pad: torch.
     p = pad.to(dev).view(-1, 1, 1, 1)
     w = window.view(1, -1, 1, 1)
     s = sink.to(dev).view(1, -1, 1, 1)
-    return (j >= p) & (j <= i) & ((i - j < w) | (j - p < s))
+    visible = ((i - j).abs() < w) | (j - p < s)
+    if causal:
+        return (i >= p) & (j >= p) & (j <= i) & visible
+    return (i >= p) & (j >= p) & (visible | (i - p < s))
 
 
 def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor, scale: float):
@@ -40,7 +50,7 @@ def _masked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     return probs @ v
 
 
-def moa_prefill_attention_ref(
+def band_attention_ref(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -48,13 +58,14 @@ def moa_prefill_attention_ref(
     sink: torch.Tensor,
     pad: torch.Tensor,
     scale: float,
+    causal: bool,
 ) -> torch.Tensor:
     """Band+sink attention: ``q [B, Hq, L, D]``, ``k, v [B, Hkv, L, D]`` -> ``[B, Hq, L, D]`` in q's dtype."""
     B, Hq, L, D = q.shape
     Hkv = k.shape[1]
     n_rep = Hq // Hkv
     acc = _acc_dtype(q)
-    mask = band_sink_mask(L, window.to(q.device), sink.to(q.device), pad.to(q.device))  # [B, Hkv, L, L]
+    mask = band_sink_mask(L, window.to(q.device), sink.to(q.device), pad.to(q.device), causal)  # [B, Hkv, L, L]
     qf = q.to(acc).view(B, Hkv, n_rep, L, D)
     out = _masked_attention(qf, k.to(acc).unsqueeze(2), v.to(acc).unsqueeze(2), mask.unsqueeze(2), scale)
     return out.reshape(B, Hq, L, v.shape[-1]).to(q.dtype)
@@ -68,7 +79,7 @@ def decode_slot_mask(T: int, head_start: torch.Tensor, length: torch.Tensor) -> 
     return (t >= start) & (t < start + length.unsqueeze(-1))
 
 
-def moa_decode_attention_ref(
+def band_decode_attention_ref(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,

@@ -9,11 +9,11 @@
   ``from_pretrained`` (with ``import effalg.transformers``) loads the MoA model. To give a plan at load time use
   :func:`moa_config`: ``from_pretrained(path, config=moa_config(path, plan))`` (transformers 5.23 routes unknown
   ``from_pretrained`` kwargs to the model's ``__init__``, not to the config, so ``moa_plan=`` cannot be a kwarg).
-- Prefill (and any forward without a cache): ``effalg.kernels.moa_prefill_attention`` with the plan's windows at
+- Prefill (and any forward without a cache): ``effalg.kernels.band_attention(causal=True)`` with the plan's windows at
   ``N`` = the key length (or the :class:`MoACache`'s ``N``), ``pad`` read from the attention mask.
 - Decode: :class:`MoACacheLayer` keeps, per KV head, its first ``sink`` real tokens plus a ring buffer of the last
   ``window`` ones, packed back to back as ``[B, T, D]`` (``T = sum(sink + window)``), and the attention function
-  runs ``effalg.kernels.moa_decode_attention`` on it.
+  runs ``effalg.kernels.band_decode_attention`` on it.
 
 How the attention function finds the cache layer: transformers calls ``cache.update()`` and then the attention
 function with the tensors ``update()`` returned, but never passes the cache. :class:`MoACacheLayer` therefore tags
@@ -369,7 +369,7 @@ def moa_attention_forward(
     if key.dim() == 3:  # compact decode
         if layer is None:
             raise RuntimeError('attn_implementation="moa": got 3-D keys that do not come from a MoACache')
-        out = K.moa_decode_attention(
+        out = K.band_decode_attention(
             query[:, :, 0].to(layer.dtype), layer.keys, layer.values, layer.head_start, layer.length(), scaling
         )
         return out.to(query.dtype).unsqueeze(1), None
@@ -390,8 +390,9 @@ def moa_attention_forward(
     plan = layer.plan if layer is not None else get_moa_plan(module.config)
     windows, sinks = _layer_rules(plan, n, query.device)
     pad = _pad_from_mask(attention_mask, B, kv_len, query.device)
-    out = K.moa_prefill_attention(
-        query, key.to(query.dtype), value.to(query.dtype), windows[layer_idx], sinks[layer_idx], pad, scaling
+    out = K.band_attention(
+        query, key.to(query.dtype), value.to(query.dtype), windows[layer_idx], sinks[layer_idx], pad, scaling,
+        causal=True,
     )
     if layer is not None:
         layer.compact_prefill(pad)

@@ -132,7 +132,7 @@ def register() -> bool:
         ("smooth_hadamard", _cuda_smooth_hadamard),
     ):
         torch.library.register_kernel(f"effalg::{name}", "cuda", fn)
-    from .band_attention import register as _register_band_attention  # MoA attention (moa_*)
+    from .band_attention import register as _register_band_attention  # band attention (band_*)
 
     _register_band_attention()
     _REGISTERED = True

@@ -236,11 +236,12 @@ def production_launches(full: bool = False) -> list[Launch]:
                 q = _meta(1, 8, 4096, D, dtype=dtype)
                 kv = _meta(1, 2, 4096, D, dtype=dtype)
                 w = torch.tensor([512, 64]).to("meta")
-                ba.triton_moa_prefill_attention(q, kv, kv, w, w, _meta(1, dtype=torch.int64), 0.1)
+                for causal in (True, False):  # MoA prefill, DiTFastAttn
+                    ba.triton_band_attention(q, kv, kv, w, w, _meta(1, dtype=torch.int64), 0.1, causal)
                 qd = _meta(4, 32, D, dtype=dtype)
                 cache = _meta(4, 8192, D, dtype=dtype)
                 hs = torch.tensor([0, 2048, 4096, 6144, 8192])
-                ba.triton_moa_decode_attention(qd, cache, cache, hs, torch.full((4, 4), 2048), 0.1)
+                ba.triton_band_decode_attention(qd, cache, cache, hs, torch.full((4, 4), 2048), 0.1)
     launches = _unique(sink)
     return launches if full else _covering(launches)
 

@@ -1,9 +1,11 @@
-"""MoA attention in Triton: band+sink prefill (flash-attention style) and decode from the compact per-head cache.
+"""Band attention in Triton: band+sink prefill (flash-attention style) and decode from the compact per-head cache.
 
-* Prefill: one program per (query block, batch row, query head). It visits only the key blocks the query block can
-  see: the sink tokens left of the band, ``[pad, min(pad + sink, lo))``, then the band ``[lo, i1)`` with
-  ``lo = max(pad, i0 - window + 1)``; each tile is masked by the exact rule and folded in with an online softmax
-  (fp32 statistics and accumulator). Cost scales with ``window + sink``, not with ``L``.
+* Prefill (``band_attention``): one program per (query block, batch row, query head). It visits only the key blocks
+  the query block can see: the sink tokens left of the band, ``[pad, min(pad + sink, lo))`` with
+  ``lo = max(pad, i0 - window + 1)``, then the band ``[lo, hi)``: ``hi = i1`` causal (``CAUSAL``, MoA),
+  ``hi = min(L, i1 + window - 1)`` non-causal (DiTFastAttn), where a block holding global rows (``i - pad < sink``)
+  visits every key. Each tile is masked by the exact rule and folded in with an online softmax (fp32 statistics and
+  accumulator). Cost scales with ``window + sink``, not with ``L``.
 * Decode: one program per (batch row, query head, split); each split walks a contiguous chunk of the KV head's live
   slots with an online softmax and writes its partial (max, sum, accumulator); the splits are merged in PyTorch
   (flash-decoding), so short batches still fill the GPU.
@@ -20,13 +22,14 @@ import triton.language as tl
 from ._common import check_dot_k, dot_config, min_dot_k
 from .launch import launch, on_gpu
 
-__all__ = ["triton_moa_prefill_attention", "triton_moa_decode_attention", "register"]
+__all__ = ["triton_band_attention", "triton_band_decode_attention", "register"]
 
 
 @triton.jit
 def _prefill_tile(
     acc, m_i, l_i, q, k_base, v_base, start, offs_m, pad, window, sink, L, D, stride_kl, stride_vl,
     qk_scale, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    CAUSAL: tl.constexpr,
 ):  # fmt: skip
     offs_n = start + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -36,7 +39,10 @@ def _prefill_tile(
     s = tl.dot(q, tl.trans(k.to(DOT_DTYPE)), input_precision=INPUT_PRECISION) * qk_scale  # [BM, BN] fp32
     i = offs_m[:, None]
     j = offs_n[None, :]
-    keep = (j >= pad) & (j <= i) & (j < L) & ((i - j < window) | (j - pad < sink))
+    if CAUSAL:
+        keep = (j >= pad) & (j <= i) & (j < L) & ((i - j < window) | (j - pad < sink))
+    else:
+        keep = (j >= pad) & (i >= pad) & (j < L) & ((tl.abs(i - j) < window) | (j - pad < sink) | (i - pad < sink))
     s = tl.where(keep, s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, axis=1))
     m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -57,7 +63,7 @@ def _prefill_kernel(
     stride_ob, stride_oh, stride_ol,
     qk_scale,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
-    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr,
+    DOT_DTYPE: tl.constexpr, INPUT_PRECISION: tl.constexpr, CAUSAL: tl.constexpr,
 ):  # fmt: skip
     pid_m = tl.program_id(0)
     bh = tl.program_id(1)
@@ -83,17 +89,24 @@ def _prefill_kernel(
 
     i1 = tl.minimum(i0 + BLOCK_M, L)
     lo = tl.maximum(pad, i0 - window + 1)
+    if CAUSAL:
+        hi = i1
+    else:
+        hi = tl.minimum(L, i1 + window - 1)
+        glob = (sink > 0) & (i0 < pad + sink)  # global query rows in the block: every key
+        lo = tl.where(glob, pad, lo)
+        hi = tl.where(glob, L, hi)
     if i1 > pad:  # a block of padding rows only outputs zeros
         sink_hi = tl.minimum(pad + sink, lo)
         for start in range(pad, sink_hi, BLOCK_N):  # sink tokens left of the band
             acc, m_i, l_i = _prefill_tile(
                 acc, m_i, l_i, q, k_base, v_base, start, offs_m, pad, window, sink, sink_hi, D,
-                stride_kl, stride_vl, qk_scale, BLOCK_N, BLOCK_D, DOT_DTYPE, INPUT_PRECISION,
+                stride_kl, stride_vl, qk_scale, BLOCK_N, BLOCK_D, DOT_DTYPE, INPUT_PRECISION, CAUSAL,
             )  # fmt: skip
-        for start in range(lo, i1, BLOCK_N):  # the band
+        for start in range(lo, hi, BLOCK_N):  # the band
             acc, m_i, l_i = _prefill_tile(
-                acc, m_i, l_i, q, k_base, v_base, start, offs_m, pad, window, sink, i1, D,
-                stride_kl, stride_vl, qk_scale, BLOCK_N, BLOCK_D, DOT_DTYPE, INPUT_PRECISION,
+                acc, m_i, l_i, q, k_base, v_base, start, offs_m, pad, window, sink, hi, D,
+                stride_kl, stride_vl, qk_scale, BLOCK_N, BLOCK_D, DOT_DTYPE, INPUT_PRECISION, CAUSAL,
             )  # fmt: skip
 
     out = acc / tl.where(l_i == 0.0, 1.0, l_i)[:, None]
@@ -101,7 +114,7 @@ def _prefill_kernel(
     tl.store(o_ptrs, out.to(o_ptr.dtype.element_ty), mask=q_mask)
 
 
-def triton_moa_prefill_attention(
+def triton_band_attention(
     q: torch.Tensor,
     k: torch.Tensor,
     v: torch.Tensor,
@@ -109,11 +122,12 @@ def triton_moa_prefill_attention(
     sink: torch.Tensor,
     pad: torch.Tensor,
     scale: float,
+    causal: bool,
     *,
     block_m: int | None = None,
     block_n: int | None = None,
 ) -> torch.Tensor:
-    """Band+sink prefill attention (see :func:`effalg.kernels.moa_prefill_attention`); arguments assumed valid."""
+    """Band+sink attention (see :func:`effalg.kernels.band_attention`); arguments assumed valid."""
     B, Hq, L, D = q.shape
     Hkv = k.shape[1]
     q, k, v = (t if t.stride(-1) == 1 else t.contiguous() for t in (q, k, v))
@@ -129,7 +143,7 @@ def triton_moa_prefill_attention(
         block_m = 32 if q.dtype == torch.float32 else 64
     if block_n is None:
         block_n = 32 if q.dtype == torch.float32 else 64
-    check_dot_k("moa_prefill_attention", block_n, q.dtype, "block_n")  # the K dim of p @ v
+    check_dot_k("band_attention", block_n, q.dtype, "block_n")  # the K dim of p @ v
     dot_dtype, precision = dot_config(q)
     grid = (triton.cdiv(L, block_m), B * Hq)
     launch(
@@ -143,7 +157,7 @@ def triton_moa_prefill_attention(
         out.stride(0), out.stride(1), out.stride(2),
         float(scale),
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_D=block_d, DOT_DTYPE=dot_dtype, INPUT_PRECISION=precision,
-        num_warps=8, num_stages=2,
+        CAUSAL=bool(causal), num_warps=8, num_stages=2,
     )  # fmt: skip
     return out
 
@@ -198,7 +212,7 @@ def _decode_kernel(
     tl.store(acc_ptr + part * BLOCK_D + offs_d, acc)
 
 
-def triton_moa_decode_attention(
+def triton_band_decode_attention(
     q: torch.Tensor,
     k_cache: torch.Tensor,
     v_cache: torch.Tensor,
@@ -209,7 +223,7 @@ def triton_moa_decode_attention(
     block_n: int | None = None,
     num_splits: int | None = None,
 ) -> torch.Tensor:
-    """Decode attention over the compact cache (see :func:`effalg.kernels.moa_decode_attention`); valid arguments.
+    """Decode attention over the compact cache (see :func:`effalg.kernels.band_decode_attention`); valid arguments.
 
     ``num_splits`` chunks of each segment are reduced in parallel (default on a GPU: enough programs to fill it,
     from the largest segment capacity; 1 under the interpreter).
@@ -257,8 +271,8 @@ def triton_moa_decode_attention(
 
 
 def register() -> None:
-    """Register both launchers as the ``"cuda"`` kernels of ``torch.ops.effalg.moa_*`` (called by the package)."""
+    """Register both launchers as the ``"cuda"`` kernels of ``torch.ops.effalg.band_*`` (called by the package)."""
     from .. import _attention_ops  # noqa: F401  (defines the op schemas)
 
-    torch.library.register_kernel("effalg::moa_prefill_attention", "cuda", triton_moa_prefill_attention)
-    torch.library.register_kernel("effalg::moa_decode_attention", "cuda", triton_moa_decode_attention)
+    torch.library.register_kernel("effalg::band_attention", "cuda", triton_band_attention)
+    torch.library.register_kernel("effalg::band_decode_attention", "cuda", triton_band_decode_attention)
