@@ -22,12 +22,6 @@ from effalg.diffusers import testing as T
 from effalg.diffusers.vidit_q import layer_metric_group
 
 
-@pytest.fixture(scope="session")
-def tiny_latte(tmp_path_factory):
-    path, _ = T.make_tiny_latte(tmp_path_factory.mktemp("latte") / "pipe")
-    return path
-
-
 def _load(path, **kw):
     pipe = DiffusionPipeline.from_pretrained(path, **kw)
     pipe.set_progress_bar_config(disable=True)

@@ -58,6 +58,7 @@ _EXPORTS = {
     "register_plan_kind": "plans",
     "load_plan": "plans",
     "ElasticWindowPlan": "attention_plan",
+    "DiTFastAttnPlan": "ditfastattn_plan",
     # MoA search math
     "ElasticRule": "attention_search",
     "attention_influence": "attention_search",

@@ -43,7 +43,7 @@ def register_plan_kind(cls: type[Plan]) -> type[Plan]:
     return cls
 
 
-_BUILTIN_KIND_MODULES = {"moa": "effalg.core.attention_plan"}  # kinds defined outside this module, imported on demand
+_BUILTIN_KIND_MODULES = {"moa": "effalg.core.attention_plan", "ditfastattn": "effalg.core.ditfastattn_plan"}  # kinds defined outside this module, imported on demand
 
 
 def get_plan_class(kind: str) -> type[Plan]:

@@ -41,6 +41,7 @@ class EffalgQuantMethod(str, Enum):
     LINEAR = "effalg_linear"
     VIDIT_Q = "effalg_vidit_q"
     MIXDQ = "effalg_mixdq"
+    DITFASTATTN = "effalg_ditfastattn"
 
 
 #: Full-match regexes of module names kept in float by default: embedders, adaLN modulation, final layers
@@ -160,6 +161,20 @@ def check_plan_layers(plan: dict | None, model: nn.Module, skip: Iterable[str], 
         )
 
 
+def _attention_plan_dict(plan: Any, owner: str) -> dict | None:
+    """``plan`` (a DiTFastAttn plan or its dict) validated, as a dict."""
+    if plan is None:
+        return None
+    from effalg.core.ditfastattn_plan import DiTFastAttnPlan
+
+    if isinstance(plan, Mapping):
+        plan = Plan.from_dict(plan, source=f"{owner}.attention_plan")
+    if not isinstance(plan, DiTFastAttnPlan):
+        got = plan.kind if isinstance(plan, Plan) else type(plan).__name__
+        raise TypeError(f"{owner}: attention_plan must be a DiTFastAttn plan or its dict, got {got}")
+    return plan.to_dict()
+
+
 class EffalgDiffusersConfig(QuantizationConfigMixin, PipelineQuantizationConfig):
     """Base of effalg diffusers configs.
 
@@ -176,6 +191,10 @@ class EffalgDiffusersConfig(QuantizationConfigMixin, PipelineQuantizationConfig)
     denoiser (a diffusers component named in :attr:`pipeline_components`, ``transformer`` or ``unet`` by default)
     and ``None`` for everything else, so text encoders and the VAE load in float. The other
     ``PipelineQuantizationConfig`` attributes are class-level ``None``/empty (not saved).
+
+    ``attention_plan``: a DiTFastAttn plan (:class:`~effalg.core.ditfastattn_plan.DiTFastAttnPlan` or its dict)
+    activated on the model after loading (:func:`effalg.diffusers.apply_ditfastattn`), so one denoiser carries
+    quantized layers and compressed attention, saved in one folder.
     """
 
     method: ClassVar[EffalgQuantMethod]
@@ -198,6 +217,7 @@ class EffalgDiffusersConfig(QuantizationConfigMixin, PipelineQuantizationConfig)
         modules_to_not_convert: Iterable[str] | None = None,
         version: int = 1,
         quant_method: str | None = None,
+        attention_plan: Any = None,
         **fields: Any,
     ) -> None:
         name = type(self).__name__
@@ -211,6 +231,7 @@ class EffalgDiffusersConfig(QuantizationConfigMixin, PipelineQuantizationConfig)
         self.quant_method = self.method
         self.version = version
         self.modules_to_not_convert = None if modules_to_not_convert is None else list(modules_to_not_convert)
+        self.attention_plan = _attention_plan_dict(attention_plan, name)
         for k in self._fields:
             if k in fields:
                 setattr(self, k, fields[k])
@@ -245,6 +266,8 @@ class EffalgDiffusersConfig(QuantizationConfigMixin, PipelineQuantizationConfig)
         d = {"quant_method": self.method.value, "version": self.version}
         d.update({k: copy.deepcopy(getattr(self, k)) for k in self._fields})
         d["modules_to_not_convert"] = copy.deepcopy(self.modules_to_not_convert)
+        if self.attention_plan is not None:
+            d["attention_plan"] = copy.deepcopy(self.attention_plan)
         return d
 
     def to_diff_dict(self) -> dict[str, Any]:
@@ -279,6 +302,7 @@ class EffalgLinearConfig(EffalgDiffusersConfig):
         modules_to_not_convert: see :class:`EffalgDiffusersConfig` (None = embedders, adaLN modulation and final
             layers stay in float).
         version: config schema version.
+        attention_plan: a DiTFastAttn plan active on the model after loading (see :class:`EffalgDiffusersConfig`).
     """
 
     method = EffalgQuantMethod.LINEAR
@@ -294,6 +318,7 @@ class EffalgLinearConfig(EffalgDiffusersConfig):
         modules_to_not_convert: Iterable[str] | None = None,
         version: int = 1,
         quant_method: str | None = None,
+        attention_plan: Any = None,
     ) -> None:
         super().__init__(
             weight_bits=weight_bits,
@@ -303,6 +328,7 @@ class EffalgLinearConfig(EffalgDiffusersConfig):
             modules_to_not_convert=modules_to_not_convert,
             version=version,
             quant_method=quant_method,
+            attention_plan=attention_plan,
         )
 
     @property

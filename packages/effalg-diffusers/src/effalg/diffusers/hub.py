@@ -50,13 +50,16 @@ def model_card_text(model, pipeline: bool = False, repo_id: str | None = None) -
     tag = getattr(qc, "method_tag", None)
     tags = ["effalg", method.replace("_", "-")] + ([tag] if tag and tag != method else [])
     tags += [t for t in getattr(qc, "card_tags", ()) if t not in tags]  # method-specific tags (e.g. "vidit-q")
+    if getattr(qc, "attention_plan", None) and "ditfastattn" not in tags:
+        tags.append("ditfastattn")
     lines = ["---", "library_name: diffusers", "tags:"] + [f"- {t}" for t in tags]
     base = _base_model(model)
     if base:
         lines.append(f"base_model: {base}")
     lines += ["---", _MARKER, ""]
     repo = repo_id or "<this repo or folder>"
-    title = f"{type(model).__name__} quantized with effalg ({method}{', ' + tag if tag else ''})"
+    verb = "with attention compressed by" if method == "effalg_ditfastattn" else "quantized with"
+    title = f"{type(model).__name__} {verb} effalg ({method}{', ' + tag if tag else ''})"
     lines += [f"# {title}", ""]
     if pipeline:
         load = f'pipe = DiffusionPipeline.from_pretrained("{repo}")'
@@ -93,9 +96,10 @@ def _config_summary(d: dict) -> dict:
             entries = v.get("entries", {})
             counts: dict = {}
             for e in entries.values():
-                key = str(e.get("weight_bits") if isinstance(e, dict) else e)
-                counts[key] = counts.get(key, 0) + 1
-            out[k] = f"{v.get('kind')} over {len(entries)} layers (bits: {counts})"
+                for key in e if isinstance(e, list) else [e.get("weight_bits") if isinstance(e, dict) else e]:
+                    counts[str(key)] = counts.get(str(key), 0) + 1
+            what = "methods per step" if v.get("kind") == "ditfastattn" else "bits"
+            out[k] = f"{v.get('kind')} over {len(entries)} layers ({what}: {counts})"
         elif isinstance(v, (list, tuple)) and len(v) > 4:
             out[k] = f"[{len(v)} layers]"
         else:

@@ -133,6 +133,7 @@ class MixDQConfig(EffalgDiffusersConfig):
             ranges, ``{layer: channel range sizes}`` of the shortcut split, ``"precomputed"`` when the BOS rows are
             stored); leave them unset.
         version: config schema version.
+        attention_plan: a DiTFastAttn plan active on the model after loading (see :class:`EffalgDiffusersConfig`).
     """
 
     method = EffalgQuantMethod.MIXDQ
@@ -165,6 +166,7 @@ class MixDQConfig(EffalgDiffusersConfig):
         bos_rows: str | None = None,
         version: int = 1,
         quant_method: str | None = None,
+        attention_plan: Any = None,
     ) -> None:
         super().__init__(
             weight_bits=weight_bits,
@@ -179,6 +181,7 @@ class MixDQConfig(EffalgDiffusersConfig):
             modules_to_not_convert=modules_to_not_convert,
             version=version,
             quant_method=quant_method,
+            attention_plan=attention_plan,
         )
 
     # ---- validation ----------------------------------------------------------------------------------------------

@@ -228,6 +228,10 @@ class EffalgDiffusersQuantizer(DiffusersQuantizer):
         from .hub import install_save_hook
 
         install_save_hook(model, self.checkpoint_files)
+        if self.quantization_config.attention_plan is not None:
+            from .ditfastattn import apply_ditfastattn
+
+            apply_ditfastattn(model, self.quantization_config.attention_plan, record=False)
         return model
 
     def _dequantize(self, model):

@@ -22,6 +22,7 @@ __all__ = [
     "denoiser_inputs",
     "inject_outlier_channels",
     "make_tiny_flux",
+    "make_tiny_dit",
     "make_tiny_latte",
     "make_tiny_lcm",
     "make_tiny_pixart_alpha",
@@ -420,8 +421,29 @@ def make_tiny_latte(path, outlier_channels: int = 0, seed: int = 0):
     return _finish(pipe, path, transformer, outlier_channels, seed)
 
 
+def make_tiny_dit(path, outlier_channels: int = 0, seed: int = 0):
+    """Tiny class-conditional DiT pipeline: DiTTransformer2DModel (adaLN-Zero, learned sigma) + 2D VAE; its CFG
+    batch is ``[cond, uncond]``. Call it with ``class_labels`` (see :func:`pipeline_kwargs`)."""
+    from diffusers import DDIMScheduler, DiTPipeline, DiTTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = DiTTransformer2DModel(
+        num_attention_heads=2,
+        attention_head_dim=16,
+        in_channels=4,
+        out_channels=8,
+        num_layers=2,
+        sample_size=8,
+        patch_size=2,
+        num_embeds_ada_norm=1000,  # DiTPipeline's null class is label 1000
+    ).eval()
+    pipe = DiTPipeline(transformer=transformer, vae=_vae(seed + 2), scheduler=DDIMScheduler())
+    return _finish(pipe, path, transformer, outlier_channels, seed)
+
+
 #: name -> (factory, denoiser component name)
 FACTORIES = {
+    "dit": (make_tiny_dit, "transformer"),
     "pixart_alpha": (make_tiny_pixart_alpha, "transformer"),
     "pixart_sigma": (make_tiny_pixart_sigma, "transformer"),
     "sd": (make_tiny_sd, "unet"),
@@ -451,6 +473,13 @@ def denoiser_inputs(model: nn.Module, seed: int = 0, batch: int = 2) -> dict[str
             encoder_hidden_states=r(batch, 6, cfg.caption_channels),
             timestep=t,
             added_cond_kwargs={"resolution": None, "aspect_ratio": None},
+            return_dict=False,
+        )
+    if name == "DiTTransformer2DModel":
+        return dict(
+            hidden_states=r(batch, cfg.in_channels, cfg.sample_size, cfg.sample_size),
+            timestep=t,
+            class_labels=torch.arange(batch) % cfg.num_embeds_ada_norm,
             return_dict=False,
         )
     if name == "UNet2DConditionModel":
@@ -515,7 +544,10 @@ def pipeline_kwargs(pipe, seed: int = 0) -> dict[str, Any]:
         prompt="a cat", num_inference_steps=2, output_type="pt", generator=torch.Generator().manual_seed(seed)
     )
     name = type(pipe).__name__
-    if name.startswith("PixArt"):
+    if name == "DiTPipeline":  # class-conditional, CFG on by default
+        del kw["prompt"]
+        kw.update(class_labels=[1])
+    elif name.startswith("PixArt"):
         kw.update(height=16, width=16, use_resolution_binning=False, max_sequence_length=16, clean_caption=False)
     elif name == "StableDiffusionPipeline":
         kw.update(height=16, width=16, guidance_scale=1.0)
@@ -539,8 +571,8 @@ def calibration_kwargs(pipe, seed: int = 0) -> dict[str, Any]:
     """:func:`pipeline_kwargs` without ``prompt``, ``num_inference_steps``, ``generator`` and ``output_type``: the
     call arguments ``effalg.diffusers.calibrate`` passes through."""
     kw = pipeline_kwargs(pipe, seed)
-    for k in ("prompt", "num_inference_steps", "generator", "output_type"):
-        kw.pop(k)
+    for k in ("prompt", "class_labels", "num_inference_steps", "generator", "output_type"):
+        kw.pop(k, None)
     return kw
 
 

@@ -114,6 +114,7 @@ class ViDiTQConfig(EffalgDiffusersConfig):
         modules_to_not_convert: see :class:`~effalg.diffusers.config.EffalgDiffusersConfig` (None: embedders, adaLN
             modulation and final layers stay in float).
         version: config schema version.
+        attention_plan: a DiTFastAttn plan active on the model after loading (see :class:`EffalgDiffusersConfig`).
     """
 
     method = EffalgQuantMethod.VIDIT_Q
@@ -149,6 +150,7 @@ class ViDiTQConfig(EffalgDiffusersConfig):
         modules_to_not_convert: Iterable[str] | None = None,
         version: int = 1,
         quant_method: str | None = None,
+        attention_plan: Any = None,
     ) -> None:
         super().__init__(
             weight_bits=weight_bits,
@@ -165,6 +167,7 @@ class ViDiTQConfig(EffalgDiffusersConfig):
             modules_to_not_convert=modules_to_not_convert,
             version=version,
             quant_method=quant_method,
+            attention_plan=attention_plan,
         )
 
     # ---- validation ----------------------------------------------------------------------------------------------
