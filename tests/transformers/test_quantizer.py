@@ -150,13 +150,21 @@ def test_save_requires_serializable_method():
 
 # ---- without the plugin / hub ------------------------------------------------------------------------------------------
 def test_without_plugin_load_is_not_silent(w8a8_saved):
-    """Without ``import effalg.transformers`` transformers only warns; the load report must expose the mismatch."""
+    """Without ``import effalg.transformers`` the load fails, naming effalg (transformers alone would only warn about
+    the unknown quant_method); forcing another attention implementation still exposes the mismatch in the report."""
     _, d = w8a8_saved
+    r = _run_py(
+        f"""
+        from transformers import AutoModelForCausalLM
+        AutoModelForCausalLM.from_pretrained({d!r})
+        """
+    )
+    assert r.returncode != 0 and 'attn_implementation="effalg_sdpa"' in r.stderr, r.stderr[-2000:]
     r = _run_py(
         f"""
         import sys
         from transformers import AutoModelForCausalLM
-        m, info = AutoModelForCausalLM.from_pretrained({d!r}, output_loading_info=True)
+        m, info = AutoModelForCausalLM.from_pretrained({d!r}, attn_implementation="sdpa", output_loading_info=True)
         assert "effalg.transformers" not in sys.modules
         print("MISSING", sorted(info["missing_keys"])[:3])
         print("UNEXPECTED", sorted(info["unexpected_keys"])[:3])

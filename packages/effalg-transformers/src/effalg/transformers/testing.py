@@ -18,6 +18,8 @@ __all__ = [
     "inject_outlier_channels",
     "tiny_llama",
     "tiny_llava",
+    "tiny_llava_next",
+    "tiny_vlm_samples",
     "tiny_qwen2",
     "tiny_qwen2_vl",
     "tiny_text_inputs",
@@ -26,6 +28,7 @@ __all__ = [
 #: ``modules_to_not_convert`` patterns keeping each VLM's vision tower (and projector) in float.
 VISION_SKIP_PATTERNS = {
     "llava": ["model.vision_tower", "model.multi_modal_projector", "lm_head"],
+    "llava_next": ["model.vision_tower", "model.multi_modal_projector", "lm_head"],
     "qwen2_vl": ["model.visual", "lm_head"],
 }
 
@@ -103,6 +106,58 @@ def tiny_llava(path: str | os.PathLike, *, seed: int = 0, outlier_channels: int 
     return _finish(LlavaForConditionalGeneration(cfg), path, outlier_channels)
 
 
+def tiny_llava_next(path: str | os.PathLike, *, seed: int = 0, outlier_channels: int = 0):
+    """Tiny ``LlavaNextForConditionalGeneration`` (CLIP vision 32x32 px, one 32x32 any-res grid: 36 image tokens for
+    a ``[1, 2, 3, 32, 32]`` image with ``image_sizes=[[32, 32]]``, id 255); ``(path, model)``."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+
+    _seeded(seed)
+    vc = CLIPVisionConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+        projection_dim=32,
+    )
+    tc = LlamaConfig(**{**_TEXT, "num_key_value_heads": 4})
+    cfg = LlavaNextConfig(
+        vision_config=vc, text_config=tc, image_token_id=255, projector_hidden_act="gelu", image_grid_pinpoints=[[32, 32]]
+    )
+    return _finish(LlavaNextForConditionalGeneration(cfg), path, outlier_channels)
+
+
+def tiny_vlm_samples(model, n: int = 4, seed: int = 0, text_len: int = 12) -> list[dict[str, torch.Tensor]]:
+    """Seeded image+text samples (batch 1) for the tiny VLMs built here: a BOS token, the image tokens, a prompt and
+    an answer, with ``labels`` on the answer's last 4 tokens (what MBQ's calibration takes)."""
+    g = torch.Generator().manual_seed(seed)
+    model = getattr(model, "_orig_mod", model)  # torch.compile wrapper
+    name = type(model).__name__
+    cfg = model.config
+    out = []
+    for _ in range(n):
+        extra: dict[str, torch.Tensor] = {}
+        if name == "LlavaForConditionalGeneration":
+            n_img, extra["pixel_values"] = 16, torch.randn(1, 3, 32, 32, generator=g)
+        elif name == "LlavaNextForConditionalGeneration":
+            n_img, extra["pixel_values"] = 36, torch.randn(1, 2, 3, 32, 32, generator=g)
+            extra["image_sizes"] = torch.tensor([[32, 32]])
+        elif name == "Qwen2VLForConditionalGeneration":
+            n_img, extra["pixel_values"] = 4, torch.randn(16, 3 * 2 * 14 * 14, generator=g)  # grid 1 x 4 x 4, merge 2
+            extra["image_grid_thw"] = torch.tensor([[1, 4, 4]])
+        else:
+            raise TypeError(f"tiny_vlm_samples: unsupported model {name}")
+        text = torch.randint(3, 200, (1, text_len), generator=g)
+        ids = torch.cat([torch.tensor([[1]]), torch.full((1, n_img), cfg.image_token_id), text], 1)
+        labels = torch.full_like(ids, -100)
+        labels[0, -4:] = ids[0, -4:]
+        if name == "Qwen2VLForConditionalGeneration":  # M-RoPE positions: 1 marks image tokens
+            extra["mm_token_type_ids"] = (ids == cfg.image_token_id).long()
+        out.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels, **extra})
+    return out
+
+
 def tiny_qwen2_vl(path: str | os.PathLike, *, seed: int = 0, outlier_channels: int = 0):
     """Tiny ``Qwen2VLForConditionalGeneration`` (loads with ``AutoModelForImageTextToText``); ``(path, model)``."""
     from transformers import Qwen2VLConfig, Qwen2VLForConditionalGeneration
@@ -139,4 +194,10 @@ def tiny_text_inputs(batch: int = 2, seq: int = 8, vocab: int = 200, seed: int =
     return torch.randint(0, vocab, (batch, seq), generator=g)
 
 
-TINY_FACTORIES = {"llama": tiny_llama, "qwen2": tiny_qwen2, "llava": tiny_llava, "qwen2_vl": tiny_qwen2_vl}
+TINY_FACTORIES = {
+    "llama": tiny_llama,
+    "qwen2": tiny_qwen2,
+    "llava": tiny_llava,
+    "llava_next": tiny_llava_next,
+    "qwen2_vl": tiny_qwen2_vl,
+}
