@@ -169,3 +169,24 @@ def test_plugin_less_load_fails_loudly(kind, tiny_llava_ckpt, tiny_llama_ckpt, t
     assert r.returncode != 0 and 'attn_implementation="effalg_sdpa"' in r.stderr
     again = getattr(__import__("transformers"), cls).from_pretrained(tmp_path)  # with the plugin: sdpa
     assert again.config._attn_implementation == ET.PLUGIN_ATTENTION
+
+
+def test_reload_from_the_hub_cache_by_repo_id(tiny_qwen2_vl_ckpt, tmp_path, hub_cache):
+    model = _float(tiny_qwen2_vl_ckpt)
+    samples = tiny_vlm_samples(model, n=2)
+    calibrate_mbq(model, None, samples, MBQConfig(weight_bits=3, group_size=32), progress=False)
+    model.save_pretrained(tmp_path / "saved")
+    env = hub_cache(tmp_path / "saved", "effalg-test/tiny-qwen2-vl-mbq-w3")
+    torch.save({"out": _run(model, samples[0]), "sample": samples[0]}, tmp_path / "ref.pt")
+    code = f"""
+import torch, effalg.transformers
+from transformers import AutoModelForImageTextToText
+m = AutoModelForImageTextToText.from_pretrained("effalg-test/tiny-qwen2-vl-mbq-w3").eval()
+ref = torch.load({str(tmp_path / "ref.pt")!r})
+with torch.no_grad():
+    out = m(**{{k: v for k, v in ref["sample"].items() if k != "labels"}}).logits
+print("IDENTICAL", torch.equal(out, ref["out"]), type(m.hf_quantizer).__name__)
+"""
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=180)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "IDENTICAL True MBQQuantizer" in r.stdout

@@ -35,6 +35,7 @@ from tqdm.auto import tqdm
 
 from effalg.core.config import LinearQuantConfig, quantize_
 from effalg.core.quant.spec import Granularity, QuantSpec, fake_quantize
+from transformers.quantizers.quantizers_utils import should_convert_module
 from transformers.utils import logging
 
 from .config import EffalgHfConfigMixin
@@ -411,7 +412,10 @@ def calibrate_mbq(
                            for v in vision]  # fmt: skip
             exponents.append(_search_layer(layer, inputs, weights, w_attn[i], w_mlp[i], w_spec, a_spec, config))
             inputs = [_with_hidden(a, k, _out(layer(*a, **k))) for a, k in inputs]
-    skip = _float_modules(model, prefix) + list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    skip = _float_modules(model, prefix)
+    keep = list(getattr(model, "_keep_in_fp32_modules", None) or [])
+    if keep:  # resolved with transformers' own matching, as the quantizer applies them when reloading
+        skip += [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not should_convert_module(n, keep)]
     config.modules_to_not_convert = sorted(set(skip))
     config.calibration = {
         "samples": len(samples),

@@ -1,0 +1,131 @@
+"""MBQ fidelity on the trained reference VLM (``reference_models/tiny-vlm-shapes``): FP, RTN, AWQ and MBQ at W4, W3
+and W4A8, in one table, plus the per-layer vision/text gradient ratios MBQ measured.
+
+* RTN: the language decoder's linears quantized directly (effalg's packed modules, no scales);
+* AWQ: ``calibrate_mbq(..., MBQConfig(balance_modalities=False))``: the same scale search with every token weighted 1
+  and squared error;
+* MBQ: ``calibrate_mbq(..., MBQConfig())``: vision tokens weighted by the measured gradient ratio, text = the answer
+  tokens, mean absolute error.
+
+Calibration on ``--n-cal`` samples of ``effalg.core.eval.vlm_samples`` (seed 0); evaluation by
+``effalg.core.eval.evaluate_vlm`` on ``--n-eval`` held-out images x 3 questions (exact match; chance: shape 1/3,
+colour and background 1/6). Weight-only groups are 128 wide (or the largest power of two dividing every decoder
+input width, if smaller).
+
+    python benchmarks/mbq_quality.py [--n-eval 96] [--n-cal 32] [--json out.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import format_table  # noqa: E402
+
+SETTINGS = {"W4": (4, None), "W3": (3, None), "W4A8": (4, 8)}
+
+
+def group_size(model) -> int:
+    from torch import nn
+
+    from effalg.transformers.mbq import decoder_layers
+
+    _, layers = decoder_layers(model)
+    g = 0
+    for m in layers.modules():
+        if isinstance(m, nn.Linear):
+            g = math.gcd(g, m.in_features)
+    return min(128, g & -g)
+
+
+def run(n_eval: int, n_cal: int, progress: bool) -> dict:
+    from effalg.core.config import LinearQuantConfig, quantize_
+    from effalg.core.eval import evaluate_vlm, vlm_samples
+    from effalg.transformers import MBQConfig, calibrate_mbq
+    from effalg.transformers.mbq import _float_modules, decoder_layers
+    from effalg.transformers.reference_models import load_reference_vlm
+
+    model, processor = load_reference_vlm()
+    samples = vlm_samples(processor, n=n_cal, seed=0)
+    gs = group_size(model)
+    rows = [{"setting": "FP", "method": "-", "calib_s": 0.0, **evaluate_vlm(model, processor, n_samples=n_eval)}]
+    ratios = None
+    for setting, (wb, ab) in SETTINGS.items():
+        group = 0 if ab else gs
+        for method in ("RTN", "AWQ", "MBQ"):
+            model, _ = load_reference_vlm()
+            t = time.perf_counter()
+            if method == "RTN":
+                prefix, _ = decoder_layers(model)
+                cfg = LinearQuantConfig(
+                    weight_bits=wb,
+                    act_bits=ab,
+                    weight_group_size=group,
+                    weight_symmetric=ab == 8,
+                    modules_to_not_convert=_float_modules(model, prefix),
+                )
+                quantize_(model, cfg)  # fmt: skip
+            else:
+                cfg = MBQConfig(weight_bits=wb, act_bits=ab, group_size=group, balance_modalities=method == "MBQ")
+                calibrate_mbq(model, processor, samples, cfg, progress=progress)
+                if method == "MBQ" and setting == "W3":
+                    ratios = cfg.calibration["vision_text_grad_ratio"]
+            calib_s = time.perf_counter() - t
+            res = evaluate_vlm(model, processor, n_samples=n_eval)
+            rows.append({"setting": f"{setting}" + (f" g{group}" if group else ""), "method": method,
+                         "calib_s": calib_s, **res})  # fmt: skip
+            print(f"{setting} {method}: all {res['all_acc']:.3f} ({calib_s:.0f} s)", flush=True)
+    return {"rows": rows, "ratios": ratios, "n_eval": n_eval, "n_cal": n_cal}
+
+
+def table(result: dict) -> str:
+    rows = [
+        [
+            r["setting"],
+            r["method"],
+            f"{r['shape_acc']:.3f}",
+            f"{r['color_acc']:.3f}",
+            f"{r['bg_acc']:.3f}",
+            f"{r['all_acc']:.3f}",
+            f"{r['loss']:.3f}",
+            f"{r['calib_s']:.0f}",
+        ]  # fmt: skip
+        for r in result["rows"]
+    ]
+    out = format_table(["setting", "method", "shape", "colour", "bg", "all", "answer NLL", "calib s"], rows)
+    if result["ratios"]:
+        a, m = result["ratios"]["attn"], result["ratios"]["mlp"]
+        out += "\n\nvision / text gradient ratio per decoder layer (MBQ W3 calibration):\n"
+        out += format_table(
+            ["layer", "attention (o_proj)", "MLP (down_proj)", "text / vision (attn)"],
+            [[i, f"{x:.4f}", f"{y:.4f}", f"{1 / x:.1f}x" if x > 0 else "inf"] for i, (x, y) in enumerate(zip(a, m))],
+        )
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n-eval", type=int, default=96)
+    ap.add_argument("--n-cal", type=int, default=32)
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    result = run(args.n_eval, args.n_cal, not args.no_progress)
+    print(f"\nMBQ on tiny-vlm-shapes: {args.n_eval} images x 3 questions, calibration on {args.n_cal} samples")
+    print(table(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1, default=str)
+
+
+if __name__ == "__main__":
+    main()
