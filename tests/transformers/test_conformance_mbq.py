@@ -50,51 +50,19 @@ class _MBQBase(QuantizationConformanceMixin):
         yield (lambda: MBQConfig(act_bits=8, weight_bits=3), ValueError, r"weight_bits must be one of \[4\]")
 
 
-_W3 = {"config_kwargs": {"weight_bits": 3, "group_size": 32}, "quantized_module_types": (WeightOnlyLinear,)}
-_W4 = {"config_kwargs": {"weight_bits": 4, "group_size": 32}, "quantized_module_types": (WeightOnlyLinear,)}
-_W4A8 = {"config_kwargs": {"weight_bits": 4, "act_bits": 8}, "quantized_module_types": (W4A8Linear,)}
+_SETTINGS = {  # name: (config kwargs, module type, min SQNR dB)
+    "W3": ({"weight_bits": 3, "group_size": 32}, WeightOnlyLinear, 8.0),
+    "W4": ({"weight_bits": 4, "group_size": 32}, WeightOnlyLinear, 14.0),
+    "W4A8": ({"weight_bits": 4, "act_bits": 8}, W4A8Linear, 12.0),
+}
+_MODELS = {"Llava": ("llava", 1.4), "LlavaNext": ("llava_next", 1.4), "Qwen2VL": ("qwen2_vl", 1.2)}
 
-
-class TestLlavaMBQW3(_MBQBase):
-    kind, min_sqnr, expected_memory_ratio = "llava", 8.0, 1.4
-    config_kwargs, quantized_module_types = _W3["config_kwargs"], _W3["quantized_module_types"]
-
-
-class TestLlavaMBQW4(_MBQBase):
-    kind, min_sqnr, expected_memory_ratio = "llava", 14.0, 1.4
-    config_kwargs, quantized_module_types = _W4["config_kwargs"], _W4["quantized_module_types"]
-
-
-class TestLlavaMBQW4A8(_MBQBase):
-    kind, min_sqnr, expected_memory_ratio = "llava", 12.0, 1.4
-    config_kwargs, quantized_module_types = _W4A8["config_kwargs"], _W4A8["quantized_module_types"]
-
-
-class TestLlavaNextMBQW3(_MBQBase):
-    kind, min_sqnr, expected_memory_ratio = "llava_next", 8.0, 1.4
-    config_kwargs, quantized_module_types = _W3["config_kwargs"], _W3["quantized_module_types"]
-
-
-class TestLlavaNextMBQW4(_MBQBase):
-    kind, min_sqnr, expected_memory_ratio = "llava_next", 14.0, 1.4
-    config_kwargs, quantized_module_types = _W4["config_kwargs"], _W4["quantized_module_types"]
-
-
-class TestLlavaNextMBQW4A8(_MBQBase):
-    kind, min_sqnr, expected_memory_ratio = "llava_next", 12.0, 1.4
-    config_kwargs, quantized_module_types = _W4A8["config_kwargs"], _W4A8["quantized_module_types"]
-
-
-class TestQwen2VLMBQW3(_MBQBase):
-    kind, min_sqnr, expected_memory_ratio = "qwen2_vl", 8.0, 1.2
-    config_kwargs, quantized_module_types = _W3["config_kwargs"], _W3["quantized_module_types"]
-
-
-class TestQwen2VLMBQW4(_MBQBase):
-    kind, min_sqnr, expected_memory_ratio = "qwen2_vl", 14.0, 1.2
-    config_kwargs, quantized_module_types = _W4["config_kwargs"], _W4["quantized_module_types"]
-
-
-class TestQwen2VLMBQW4A8(_MBQBase):
-    kind, min_sqnr, expected_memory_ratio = "qwen2_vl", 12.0, 1.2
-    config_kwargs, quantized_module_types = _W4A8["config_kwargs"], _W4A8["quantized_module_types"]
+for _model, (_kind, _ratio) in _MODELS.items():  # one test class per model x setting
+    for _setting, (_kw, _cls, _sqnr) in _SETTINGS.items():
+        _name = f"Test{_model}MBQ{_setting}"
+        globals()[_name] = type(
+            _name,
+            (_MBQBase,),
+            {"kind": _kind, "config_kwargs": _kw, "quantized_module_types": (_cls,), "min_sqnr": _sqnr,
+             "expected_memory_ratio": _ratio},
+        )  # fmt: skip

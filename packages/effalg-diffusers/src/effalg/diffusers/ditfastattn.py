@@ -80,6 +80,22 @@ class DiTFastAttnMismatch(ValueError):
 # ``text`` is the number of global (text) tokens and where they sit in the sequence.
 
 
+def _qkv_heads(attn, hidden_states, batch_size: int):
+    """The legacy ``Attention`` processors' q / k / v as ``[B, heads, S, head_dim]`` (with ``norm_q`` / ``norm_k``)."""
+    query = attn.to_q(hidden_states)
+    key = attn.to_k(hidden_states)
+    value = attn.to_v(hidden_states)
+    head_dim = key.shape[-1] // attn.heads
+    query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
+    if attn.norm_q is not None:
+        query = attn.norm_q(query)
+    if attn.norm_k is not None:
+        key = attn.norm_k(key)
+    return query, key, value, head_dim
+
+
 def _self_attention(attn, attend, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, **kw):
     """``AttnProcessor2_0`` (diffusers 0.42) with a pluggable attention call."""
     residual = hidden_states
@@ -95,17 +111,7 @@ def _self_attention(attn, attend, hidden_states, encoder_hidden_states=None, att
         attention_mask = attention_mask.view(batch_size, attn.heads, -1, attention_mask.shape[-1])
     if attn.group_norm is not None:
         hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
-    query = attn.to_q(hidden_states)
-    key = attn.to_k(hidden_states)
-    value = attn.to_v(hidden_states)
-    head_dim = key.shape[-1] // attn.heads
-    query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-    key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-    value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-    if attn.norm_q is not None:
-        query = attn.norm_q(query)
-    if attn.norm_k is not None:
-        key = attn.norm_k(key)
+    query, key, value, head_dim = _qkv_heads(attn, hidden_states, batch_size)
 
     def full():
         return F.scaled_dot_product_attention(
@@ -128,17 +134,7 @@ def _joint_attention(attn, attend, hidden_states, encoder_hidden_states=None, at
     """``JointAttnProcessor2_0`` (SD3, diffusers 0.42) with a pluggable attention call; text tokens come last."""
     residual = hidden_states
     batch_size = hidden_states.shape[0]
-    query = attn.to_q(hidden_states)
-    key = attn.to_k(hidden_states)
-    value = attn.to_v(hidden_states)
-    head_dim = key.shape[-1] // attn.heads
-    query = query.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-    key = key.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-    value = value.view(batch_size, -1, attn.heads, head_dim).transpose(1, 2)
-    if attn.norm_q is not None:
-        query = attn.norm_q(query)
-    if attn.norm_k is not None:
-        key = attn.norm_k(key)
+    query, key, value, head_dim = _qkv_heads(attn, hidden_states, batch_size)
     n_text = 0
     if encoder_hidden_states is not None:
         n_text = encoder_hidden_states.shape[1]

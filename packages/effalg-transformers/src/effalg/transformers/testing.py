@@ -87,12 +87,11 @@ def tiny_qwen2(path: str | os.PathLike, *, seed: int = 0, outlier_channels: int 
     return _finish(Qwen2ForCausalLM(cfg), path, outlier_channels)
 
 
-def tiny_llava(path: str | os.PathLike, *, seed: int = 0, outlier_channels: int = 0):
-    """Tiny ``LlavaForConditionalGeneration`` (CLIP vision 32x32 px, 16 image tokens, id 255); ``(path, model)``."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+def _clip_vision():
+    """The tiny CLIP vision tower of the LLaVA factories (32x32 px, patch 8: 16 patches)."""
+    from transformers import CLIPVisionConfig
 
-    _seeded(seed)
-    vc = CLIPVisionConfig(
+    return CLIPVisionConfig(
         hidden_size=32,
         intermediate_size=64,
         num_hidden_layers=2,
@@ -101,6 +100,14 @@ def tiny_llava(path: str | os.PathLike, *, seed: int = 0, outlier_channels: int 
         patch_size=8,
         projection_dim=32,
     )
+
+
+def tiny_llava(path: str | os.PathLike, *, seed: int = 0, outlier_channels: int = 0):
+    """Tiny ``LlavaForConditionalGeneration`` (CLIP vision 32x32 px, 16 image tokens, id 255); ``(path, model)``."""
+    from transformers import LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+
+    _seeded(seed)
+    vc = _clip_vision()
     tc = LlamaConfig(**{**_TEXT, "num_key_value_heads": 2})
     cfg = LlavaConfig(vision_config=vc, text_config=tc, image_token_id=255, projector_hidden_act="gelu")
     return _finish(LlavaForConditionalGeneration(cfg), path, outlier_channels)
@@ -109,18 +116,10 @@ def tiny_llava(path: str | os.PathLike, *, seed: int = 0, outlier_channels: int 
 def tiny_llava_next(path: str | os.PathLike, *, seed: int = 0, outlier_channels: int = 0):
     """Tiny ``LlavaNextForConditionalGeneration`` (CLIP vision 32x32 px, one 32x32 any-res grid: 36 image tokens for
     a ``[1, 2, 3, 32, 32]`` image with ``image_sizes=[[32, 32]]``, id 255); ``(path, model)``."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
+    from transformers import LlamaConfig, LlavaNextConfig, LlavaNextForConditionalGeneration
 
     _seeded(seed)
-    vc = CLIPVisionConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        image_size=32,
-        patch_size=8,
-        projection_dim=32,
-    )
+    vc = _clip_vision()
     tc = LlamaConfig(**{**_TEXT, "num_key_value_heads": 4})
     cfg = LlavaNextConfig(
         vision_config=vc, text_config=tc, image_token_id=255, projector_hidden_act="gelu", image_grid_pinpoints=[[32, 32]]
