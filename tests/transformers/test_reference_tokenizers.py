@@ -1,8 +1,16 @@
 """The reference models' word-level tokenizers (built in effalg.transformers.reference_models, not in core)."""
 
-from effalg.core.eval import lm_tasks, shapes
-from effalg.core.eval.reference import LM_NAME, T2I_NAME, reference_models_dir
-from effalg.transformers.reference_models import build_lm_tokenizer, build_shapes_clip_tokenizer, build_shapes_tokenizer
+import torch
+
+from effalg.core.eval import lm_tasks, shapes, vlm
+from effalg.core.eval.reference import LM_NAME, T2I_NAME, VLM_NAME, reference_models_dir
+from effalg.transformers.reference_models import (
+    build_lm_tokenizer,
+    build_shapes_clip_tokenizer,
+    build_shapes_tokenizer,
+    build_vlm_processor,
+    build_vlm_tokenizer,
+)
 
 SD_T2I_NAME = "tiny-sd-shapes"  # effalg.diffusers.reference_models.SD_T2I_NAME (not imported: transformers-only test)
 
@@ -36,6 +44,21 @@ def test_shapes_clip_tokenizer_is_word_level_with_bos_eos_padding():
     assert tok.decode(ids, skip_special_tokens=True) == "a red circle on a blue background"
 
 
+def test_vlm_tokenizer_and_processor():
+    tok = build_vlm_tokenizer()
+    assert tok.image_token == vlm.IMAGE_TOKEN and tok.convert_tokens_to_ids(vlm.IMAGE_TOKEN) == 4
+    for word in vlm.WORDS:  # every prompt / answer word is one token
+        assert len(tok(word, add_special_tokens=False).input_ids) == 1, word
+    ids = tok("<image><image> Question: what shape is it ? answer: circle").input_ids
+    assert ids[:3] == [tok.bos_token_id, 4, 4] and tok.unk_token_id not in ids  # a run of <image> splits per token
+    assert tok.decode(ids, skip_special_tokens=True) == "question: what shape is it ? answer: circle"
+    proc = build_vlm_processor(patch_size=4)
+    img = vlm.to_uint8(shapes.render("circle", "red", "blue", torch.Generator().manual_seed(0)))
+    enc = proc(text=[vlm.prompt("shape")], images=[img], return_tensors="pt")
+    assert enc["pixel_values"].shape == (1, 3, 32, 32)
+    assert int((enc["input_ids"] == 4).sum()) == 64 and enc["input_ids"].shape[1] == 1 + 64 + 7
+
+
 def test_same_vocab_as_the_committed_reference_models():
     """The builders reproduce the token ids saved with the trained reference models (where those exist)."""
     try:
@@ -48,6 +71,7 @@ def test_same_vocab_as_the_committed_reference_models():
         (LM_NAME, build_lm_tokenizer, ""),
         (T2I_NAME, build_shapes_tokenizer, "tokenizer"),
         (SD_T2I_NAME, build_shapes_clip_tokenizer, "tokenizer"),
+        (VLM_NAME, build_vlm_tokenizer, ""),
     ):
         folder = root / name / sub
         if (folder / "tokenizer.json").is_file():

@@ -1,5 +1,6 @@
-"""The repo's trained reference LM (``reference_models/tiny-qwen2-mqar``) and the word-level tokenizers of the
-reference models (they are transformers tokenizer objects, so they are built here, not in core).
+"""The repo's trained reference LM (``reference_models/tiny-qwen2-mqar``) and VLM (``reference_models/tiny-vlm-shapes``),
+and the word-level tokenizers / processor of the reference models (they are transformers objects, so they are built
+here, not in core).
 
 The framework-free parts (task generators, checker, scoring, where the weights live) stay in
 :mod:`effalg.core.eval`; the reference text-to-image pipeline is loaded by :mod:`effalg.diffusers.reference_models`.
@@ -17,11 +18,26 @@ from tokenizers.normalizers import Lowercase
 from tokenizers.pre_tokenizers import WhitespaceSplit
 from tokenizers.processors import TemplateProcessing
 
-from effalg.core.eval import lm_tasks, shapes
-from effalg.core.eval.reference import LM_NAME, reference_models_dir
-from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPTokenizer, PreTrainedTokenizerFast
+from effalg.core.eval import lm_tasks, shapes, vlm
+from effalg.core.eval.reference import LM_NAME, VLM_NAME, reference_models_dir
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForImageTextToText,
+    AutoProcessor,
+    AutoTokenizer,
+    CLIPTokenizer,
+    PreTrainedTokenizerFast,
+)
 
-__all__ = ["build_lm_tokenizer", "build_shapes_clip_tokenizer", "build_shapes_tokenizer", "load_reference_lm"]
+__all__ = [
+    "build_lm_tokenizer",
+    "build_shapes_clip_tokenizer",
+    "build_shapes_tokenizer",
+    "build_vlm_processor",
+    "build_vlm_tokenizer",
+    "load_reference_lm",
+    "load_reference_vlm",
+]
 
 
 def load_reference_lm(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> tuple[Any, Any]:
@@ -32,6 +48,18 @@ def load_reference_lm(path: str | os.PathLike | None = None, device: str | torch
     p = path or reference_models_dir() / LM_NAME
     model = AutoModelForCausalLM.from_pretrained(p).to(device).eval()
     return model, AutoTokenizer.from_pretrained(p)
+
+
+def load_reference_vlm(path: str | os.PathLike | None = None, device: str | torch.device = "cpu") -> tuple[Any, Any]:
+    """``(LlavaForConditionalGeneration, LlavaProcessor)`` trained to answer questions about the shapes images
+    (:mod:`effalg.core.eval.vlm`: shape / colour / background, one word each).
+
+    ``path`` defaults to ``reference_models_dir() / "tiny-vlm-shapes"``. Score it with
+    ``effalg.core.eval.evaluate_vlm(model, processor)``; calibration samples: ``effalg.core.eval.vlm_samples``.
+    """
+    p = path or reference_models_dir() / VLM_NAME
+    model = AutoModelForImageTextToText.from_pretrained(p).to(device).eval()
+    return model, AutoProcessor.from_pretrained(p)
 
 
 def build_lm_tokenizer() -> PreTrainedTokenizerFast:
@@ -94,3 +122,51 @@ def build_shapes_clip_tokenizer(max_length: int = 12) -> CLIPTokenizer:
     vocab = {"<|startoftext|>": 0, "<|endoftext|>": 1}
     vocab.update({s: 2 + i for i, s in enumerate(symbols)})
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
+
+
+def build_vlm_tokenizer() -> PreTrainedTokenizerFast:
+    """Word-level ``PreTrainedTokenizerFast`` over :data:`effalg.core.eval.vlm.WORDS` (lower-cased) with the
+    special tokens ``<pad>`` 0, ``<s>`` 1 (prepended), ``</s>`` 2 (ends every answer), ``<unk>`` 3 and the image
+    placeholder ``<image>`` 4 (``tokenizer.image_token``; an added special token, so the processor's run of
+    ``<image><image>...`` splits into one token each). The tokenizer of ``reference_models/tiny-vlm-shapes``."""
+    vocab = {"<pad>": 0, "<s>": 1, "</s>": 2, "<unk>": 3, vlm.IMAGE_TOKEN: 4}
+    for wd in vlm.WORDS:
+        vocab[wd] = len(vocab)
+    tok = Tokenizer(WordLevel(vocab=vocab, unk_token="<unk>"))
+    tok.normalizer = Lowercase()
+    tok.pre_tokenizer = WhitespaceSplit()
+    tok.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        extra_special_tokens={"image_token": vlm.IMAGE_TOKEN},
+        model_max_length=256,
+    )
+
+
+def build_vlm_processor(image_size: int = shapes.SIZE, patch_size: int = 4) -> Any:
+    """``LlavaProcessor``: a ``CLIPImageProcessor`` at ``image_size`` (resize + centre crop, CLIP mean / std) and
+    :func:`build_vlm_tokenizer`; ``<image>`` expands to ``(image_size // patch_size) ** 2`` tokens (the CLIP tower's
+    patches, its CLS token dropped: ``vision_feature_select_strategy="default"``)."""
+    import transformers
+    from transformers import LlavaProcessor
+
+    # Without torchvision transformers falls back to the PIL backend anyway (with a warning); both save as
+    # "CLIPImageProcessor", so the folder loads with whichever backend the reader has.
+    try:
+        import torchvision  # noqa: F401
+
+        cls = transformers.CLIPImageProcessor
+    except ImportError:
+        cls = transformers.CLIPImageProcessorPil
+    ip = cls(size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size})
+    return LlavaProcessor(
+        image_processor=ip,
+        tokenizer=build_vlm_tokenizer(),
+        patch_size=patch_size,
+        vision_feature_select_strategy="default",
+        num_additional_image_tokens=1,
+    )

@@ -1,9 +1,10 @@
-"""Task-level evaluation of (compressed) reference models: the shapes text-to-image pipeline and the MQAR LM.
+"""Task-level evaluation of (compressed) reference models: the shapes text-to-image pipeline, the MQAR LM and the
+shapes question-answering VLM.
 
 Importing this package is cheap: torch only; scipy is imported inside the functions. Nothing here imports diffusers
 or transformers: the model loaders and tokenizers live in the plugins, :mod:`effalg.diffusers.reference_models`
 (``load_reference_t2i``) and :mod:`effalg.transformers.reference_models` (``load_reference_lm``,
-``build_lm_tokenizer``, ``build_shapes_tokenizer``).
+``load_reference_vlm``, ``build_lm_tokenizer``, ``build_shapes_tokenizer``, ``build_vlm_processor``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,8 @@ from typing import Any
 _EXPORTS = {
     "evaluate_lm": "lm",
     "evaluate_t2i": "t2i",
+    "evaluate_vlm": "vlm",
+    "vlm_samples": "vlm",
     "format_table": "report",
     "reference_models_dir": "reference",
     "fake_quantize_weights": "reference",
@@ -22,6 +25,7 @@ _EXPORTS = {
 #: Names that moved to the plugins (effalg.core never imports diffusers or transformers).
 _MOVED = {
     "load_reference_lm": "effalg.transformers.reference_models",
+    "load_reference_vlm": "effalg.transformers.reference_models",
     "load_reference_t2i": "effalg.diffusers.reference_models",
 }
 

@@ -13,6 +13,7 @@ import torch
 
 LM_NAME = "tiny-qwen2-mqar"
 T2I_NAME = "tiny-pixart-shapes"
+VLM_NAME = "tiny-vlm-shapes"
 
 
 def reference_models_dir() -> Path:

@@ -6,6 +6,7 @@ from typing import Any
 
 _LM_COLS = [("retrieval_acc", "retr"), ("local_acc", "local"), ("loss", "loss")]
 _T2I_COLS = [("shape_acc", "shape"), ("color_acc", "color"), ("bg_acc", "bg"), ("all_acc", "all"), ("frechet", "FD")]
+_VLM_COLS = [("shape_acc", "shape"), ("color_acc", "color"), ("bg_acc", "bg"), ("all_acc", "all"), ("loss", "loss")]
 
 
 def _fmt(v: Any) -> str:
@@ -13,7 +14,8 @@ def _fmt(v: Any) -> str:
 
 
 def format_table(results: dict[str, dict[str, Any]] | list[tuple[str, dict[str, Any]]]) -> str:
-    """One row per named result (``{"fp32": res, "w3": res}``) from :func:`evaluate_lm` / :func:`evaluate_t2i`.
+    """One row per named result (``{"fp32": res, "w3": res}``) from :func:`evaluate_lm` / :func:`evaluate_t2i` /
+    :func:`evaluate_vlm`.
 
     LM rows also get one retrieval-accuracy column per evaluated context length.
     """
@@ -21,7 +23,7 @@ def format_table(results: dict[str, dict[str, Any]] | list[tuple[str, dict[str, 
     if not items:
         return ""
     lines = []
-    for task in ("lm", "t2i"):
+    for task in ("lm", "t2i", "vlm"):
         rows = [(n, r) for n, r in items if r.get("task") == task]
         if not rows:
             continue
@@ -35,6 +37,10 @@ def format_table(results: dict[str, dict[str, Any]] | list[tuple[str, dict[str, 
                 + [_fmt(r["by_length"].get(x, {}).get("retrieval_acc", "-")) for x in lengths]
                 for n, r in rows
             ]
+        elif task == "vlm":
+            cols = list(_VLM_COLS)
+            head = ["model"] + [c[1] for c in cols]
+            body = [[n] + [_fmt(r[c[0]]) for c in cols] for n, r in rows]
         else:
             cols = list(_T2I_COLS)
             head = ["model", "steps"] + [c[1] for c in cols]
