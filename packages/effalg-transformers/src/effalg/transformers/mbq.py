@@ -6,7 +6,8 @@ with dynamic per-token int8 activations):
 
 1. **Modality sensitivity**: one backward pass per sample of the answer loss; per decoder layer, the mean
    ``|dL/dy|`` at the outputs of ``o_proj`` (attention) and ``down_proj`` (MLP) over the vision tokens (the image-token
-   positions) and over the text tokens (the answer tokens, ``labels != -100``); the vision weight of a group is
+   positions) and over the text tokens (the positions the answer loss reads: those predicting a token with
+   ``labels != -100``, i.e. the labels shifted by one as causal LMs align them); the vision weight of a group is
    ``max(g_vision / g_text, median over layers)``.
 2. **Scale search** (AWQ-style channel equalisation), layer by layer on the calibration activations, four groups per
    layer: q/k/v after ``input_layernorm`` (compared on the self-attention output), o after ``v_proj`` (when their
@@ -239,6 +240,13 @@ def _check_samples(samples: Sequence[Mapping[str, Any]], image_token: int) -> No
             raise ValueError(f"calibrate_mbq: sample {i} has no image tokens (id {image_token})")
 
 
+def _text_positions(labels: torch.Tensor) -> torch.Tensor:
+    """``[B, T]`` bool: the positions whose outputs predict an answer token (``labels[:, t + 1] != -100``)."""
+    out = torch.zeros_like(labels, dtype=torch.bool)
+    out[:, :-1] = labels[:, 1:] != -100
+    return out
+
+
 def _sensitivity(model, layers, samples, image_token: int, progress: bool) -> tuple[list[float], list[float]]:
     """Per layer, the vision/text ratio of mean |dL/dy| at o_proj and at down_proj outputs."""
     n = len(layers)
@@ -268,7 +276,7 @@ def _sensitivity(model, layers, samples, image_token: int, progress: bool) -> tu
             ids = torch.as_tensor(s["input_ids"])
             labels = torch.as_tensor(s["labels"])
             masks["vision"] = (ids == image_token)[0]
-            masks["text"] = (labels != -100)[0]
+            masks["text"] = _text_positions(labels)[0]
             counts[0] += int(masks["vision"].sum())
             counts[1] += int(masks["text"].sum())
             with torch.enable_grad():
@@ -393,14 +401,15 @@ def calibrate_mbq(
     else:
         attn_r = mlp_r = None
         w_attn = w_mlp = [1.0] * n
-    w_spec = (
-        QuantSpec(config.weight_bits, Granularity.GROUP, config.group_size, symmetric=False)
-        if config.act_bits is None
-        else QuantSpec(config.weight_bits, Granularity.CHANNEL, 0, symmetric=True)
+    w_spec = QuantSpec(
+        config.weight_bits,
+        Granularity.GROUP if config.group_size else Granularity.CHANNEL,
+        config.group_size,
+        symmetric=config.act_bits == 8,
     )
     a_spec = None if config.act_bits is None else QuantSpec(8, Granularity.TOKEN, 0, symmetric=True, dynamic=True)
     vision = [(torch.as_tensor(s["input_ids"]) == image_token) for s in samples]
-    text = [(torch.as_tensor(s["labels"]) != -100) for s in samples]
+    text = [_text_positions(torch.as_tensor(s["labels"])) for s in samples]
     exponents: list[dict[str, float]] = []
     with torch.no_grad():
         inputs = _layer_inputs(model, layers, samples)
