@@ -8,7 +8,7 @@ import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 BENCHMARKS = ["w8a8_pixart.py", "mixdq_unet.py", "moa_speed.py", "moa_quality.py", "band_attention.py", "ditfastattn_speed.py",
-              "ditfastattn_quality.py"]
+              "ditfastattn_quality.py", "weight_only_decode.py"]
 
 if __name__ == "__main__":
     for script in BENCHMARKS:

@@ -10,6 +10,7 @@ import torch as _torch
 from . import _attention_ops, _ops  # noqa: F401  (declare the op schemas)
 from . import attention_cpu as _attention_cpu
 from . import cpu as _cpu
+from . import weight_only_cpu as _weight_only_cpu
 from .attention import band_attention, band_decode_attention
 from .ops import (
     MAX_HADAMARD_BLOCK,
@@ -39,8 +40,15 @@ from .packing import (
     unpack_int2_symmetric,
     unpack_int4_symmetric,
 )
+from .weight_only_cpu import (
+    prepack_weight_only,
+    unpack_weight_only,
+    weight_only_cpu_layout,
+    weight_only_linear_packed,
+)
 
 _cpu.register()
+_weight_only_cpu.register()  # after _cpu: replaces its weight_only_linear CPU kernel
 _attention_cpu.register()
 if _torch.cuda.is_available():  # Triton is imported only where it can run
     from .triton import register as _register_triton
@@ -66,15 +74,19 @@ __all__ = [
     "pack_int4_symmetric",
     "packed_size",
     "prepack_int8_weight",
+    "prepack_weight_only",
     "quantize_per_token",
     "smooth_hadamard",
     "unpack_bits",
     "unpack_int2_symmetric",
     "unpack_int4_symmetric",
     "unpack_int8_weight",
+    "unpack_weight_only",
     "w4a8_linear",
     "w8a8_linear",
+    "weight_only_cpu_layout",
     "weight_only_linear",
+    "weight_only_linear_packed",
     "weight_rowsum",
     "wxa8_linear",
 ]

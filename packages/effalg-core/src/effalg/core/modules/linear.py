@@ -30,6 +30,7 @@ from effalg.kernels.packing import pack_bits, pack_int4_symmetric, packed_size, 
 from ..quant.rotation import HadamardRotation
 from ..quant.spec import Granularity, QuantSpec, compute_qparams, dequantize, quantize
 from ._int8 import Int8PrepackMixin
+from ._weight_only import WeightOnlyPrepackMixin
 from ._wxa8 import WXA8_FP32_BUFFERS, WxA8Mixin
 from .base import QuantModuleBase, _check_smooth_scale
 
@@ -311,11 +312,16 @@ class W4A8Linear(QuantLinear):
         return f"w4a8, group_size={self.group_size}"
 
 
-class WeightOnlyLinear(QuantLinear):
+class WeightOnlyLinear(WeightOnlyPrepackMixin, QuantLinear):
     """3/4/8-bit packed unsigned weight codes with per-channel or per-group ``weight_scale``/``weight_zero``, float
     activations (``effalg.kernels.weight_only_linear``: ``W = (u - zero) * scale``).
 
     Symmetric weights are stored as ``u = q + 2**(bits-1)`` with ``zero = 2**(bits-1)``, so both modes share one layout.
+    On CPU, :meth:`prepack_` (called by ``from_float`` and by integrations after loading a state dict) replaces
+    ``qweight`` in place by a runtime layout where one is faster on this machine (``effalg.kernels.
+    weight_only_cpu_layout``: torch's int4pack for W4 without the native kernels, which run on the canonical layout;
+    ``prepack_(layout="blocked")`` for batched decode); the state dict always holds the canonical layout, loading
+    accepts it, moving off CPU unpacks first.
     """
 
     act_spec: ClassVar[None] = None
@@ -357,6 +363,7 @@ class WeightOnlyLinear(QuantLinear):
             "weight_zero",
             torch.full((out_features, n_groups), float(2 ** (bits - 1)), dtype=torch.float32, device=device),
         )
+        self._packed_layout = None
 
     @property
     def weight_bits(self) -> int:  # type: ignore[override]
@@ -396,22 +403,36 @@ class WeightOnlyLinear(QuantLinear):
         else:
             u = q
         self.qweight = pack_bits(u, self.bits)
+        self._packed_layout = None  # a fresh canonical weight (prepack_ again for the runtime layout)
         self.weight_scale = scale.reshape(self.out_features, -1).float()
         self.weight_zero = zero.reshape(self.out_features, -1).float()
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        u = unpack_bits(self.qweight, self.bits, self.in_features)
+        u = unpack_bits(self.plain_qweight(), self.bits, self.in_features)
         spec = _weight_spec(self.bits, self.group_size, symmetric=False)
         return dequantize(u, spec, self.weight_scale, self.weight_zero, dtype=dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.preprocess_input(x)
+        if self._packed_layout is not None:
+            return _K.weight_only_linear_packed(
+                x,
+                self.qweight,
+                self.weight_scale,
+                self.weight_zero,
+                self.bits,
+                self.group_size,
+                self._packed_layout,
+                self.out_features,
+                self.bias,
+            )
         return _K.weight_only_linear(
             x, self.qweight, self.weight_scale, self.weight_zero, self.bits, self.group_size, self.bias
         )
 
     def _repr_extra(self) -> str:
-        return f"w{self.bits}a16, group_size={self.group_size}, symmetric={self.symmetric}"
+        layout = f", layout={self._packed_layout}" if self._packed_layout else ""
+        return f"w{self.bits}a16, group_size={self.group_size}, symmetric={self.symmetric}{layout}"
 
 
 class WxA8Linear(WxA8Mixin, QuantLinear):
