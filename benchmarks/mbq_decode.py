@@ -96,11 +96,10 @@ def main() -> None:
             print(rows[-1], flush=True)
             del q
         try:
-            from torchao.quantization import Int4WeightOnlyConfig, quantize_
+            from weight_only_decode import torchao_int4
 
             t = AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16).eval()
-            quantize_(t, Int4WeightOnlyConfig(group_size=128, int4_packing_format="opaque"),
-                      filter_fn=lambda m, n: isinstance(m, torch.nn.Linear) and in_layers(n))  # fmt: skip
+            t = torchao_int4(t, 128, lambda m, n: isinstance(m, torch.nn.Linear) and in_layers(n))
             b = module_bytes(t, in_layers)
             tps = decode_tps(t, args.prompt, args.new_tokens, args.reps)
             rows.append({"variant": "torchao int4 weight-only g128", "tps": tps, "speedup": tps / base_tps, "bytes": b,

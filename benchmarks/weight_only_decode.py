@@ -74,8 +74,9 @@ def streamed_times(fns: dict, reps: int, warmup: int = 2) -> dict:
     return times
 
 
-def torchao_int4(lin: nn.Linear, group_size: int):
-    """torchao's int4 weight-only CPU path (torch's int4pack kernel) under the API of the installed torchao."""
+def torchao_int4(lin: nn.Module, group_size: int, filter_fn=None):
+    """A copy of ``lin`` (a Linear or a model: its Linears passing ``filter_fn(module, name)``) on torchao's int4
+    weight-only CPU path (torch's int4pack kernel), under the API of the installed torchao."""
     from torchao.quantization import quantize_
 
     def configs():
@@ -97,7 +98,7 @@ def torchao_int4(lin: nn.Linear, group_size: int):
         for config in configs():
             m = copy.deepcopy(lin)
             try:
-                quantize_(m, config)
+                quantize_(m, config, filter_fn=filter_fn)
                 return m
             except Exception as e:  # API differences between torchao versions
                 errors.append(f"{type(e).__name__}: {e}")
