@@ -221,3 +221,65 @@ def test_wxa8_conv2d_cpu_equals_unfold_path(bits, static):
     assert y.is_contiguous() and y.dtype == torch.bfloat16
     assert torch.equal(y, rows)
     assert _rel(y, ref) <= TOL[torch.bfloat16]
+
+
+def _bits(t):
+    return t.view(torch.int32 if t.dtype == torch.float32 else torch.int16)
+
+
+@pytest.mark.parametrize("dtype", FLOATS)
+@pytest.mark.parametrize("has_bias", [False, True])
+def test_int8_linear_row_chunks_and_fused_epilogue(monkeypatch, dtype, has_bias):
+    """Large inputs run in row chunks (quantize, GEMM, one fused epilogue pass each) into one output: the same bits as
+    one chunk, for plain and prepacked weights alike, and (bf16) as the eager epilogue of small inputs."""
+    M, Kd, N = 520, 64, 1024
+    x = torch.randn(M, Kd).to(dtype) * 3
+    w = torch.randint(-127, 128, (N, Kd), dtype=torch.int8)
+    w_scale = torch.rand(N) * 0.01 + 1e-3
+    bias = torch.randn(N).to(dtype) if has_bias else None
+    whole = cpu.w8a8_linear_cpu(x, w, w_scale, bias)
+    monkeypatch.setattr(cpu, "INT8_MM_CHUNK_NUMEL", 128 * N)
+    chunks = cpu._row_chunks(M, N)
+    assert len(chunks) == 5 and (chunks[0].stop - chunks[0].start) * N >= cpu.FUSED_QUANT_MIN_NUMEL  # fused chunks
+    out = cpu.w8a8_linear_cpu(x, w, w_scale, bias)
+    assert torch.equal(_bits(out), _bits(whole))
+    assert torch.equal(_bits(cpu.w8a8_linear_cpu(x, K.prepack_int8_weight(w), w_scale, bias)), _bits(out))
+    q, s = cpu.quantize_per_token_cpu(x)
+    for sa in (s, None):  # int8_scaled_mm, with and without the per-token scale
+        y = cpu.int8_scaled_mm_cpu(q, sa, w, w_scale, bias, dtype)
+        assert torch.equal(
+            _bits(y), _bits(cpu.int8_scaled_mm_cpu(q, sa, K.prepack_int8_weight(w), w_scale, bias, dtype))
+        )
+        if sa is not None:
+            assert torch.equal(_bits(y), _bits(out))
+    monkeypatch.setattr(cpu, "FUSED_QUANT_MIN_NUMEL", 1 << 62)  # everything eager
+    eager = cpu.w8a8_linear_cpu(x, w, w_scale, bias)
+    if dtype == torch.bfloat16 or bias is None:  # bf16 products are exact in fp32; without bias no add follows
+        assert torch.equal(_bits(out), _bits(eager))
+    else:  # the eager fp32 addcmul fuses the multiply-add, the fused pass rounds the product to fp32 first
+        assert _rel(out, eager) <= (2**-22 if dtype == torch.float32 else 2**-10)
+    assert _rel(out, reference.w8a8_linear_ref(x, w, w_scale, bias)) <= TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_w4a8_per_channel_row_chunks(monkeypatch, dtype):
+    M, Kd, N = 300, 64, 1024
+    x = torch.randn(M, Kd).to(dtype)
+    w = K.pack_int4_symmetric(torch.randint(-8, 8, (N, Kd), dtype=torch.int8))
+    scale, bias = torch.rand(N, 1) * 0.01 + 1e-3, torch.randn(N).to(dtype)
+    whole = cpu.w4a8_linear_cpu(x, w, scale, 0, bias)
+    monkeypatch.setattr(cpu, "INT8_MM_CHUNK_NUMEL", 128 * N)
+    assert len(cpu._row_chunks(M, N)) == 3 and 100 * N >= cpu.FUSED_QUANT_MIN_NUMEL
+    out = cpu.w4a8_linear_cpu(x, w, scale, 0, bias)
+    assert torch.equal(out, whole)
+    assert _rel(out, reference.w4a8_linear_ref(x, w, scale, 0, bias)) <= TOL[dtype]
+
+
+def test_round_to_bf16_matches_the_cast():
+    y = torch.randn(4096) * torch.logspace(-44, 38, 4096)
+    y[:8] = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 3.4028235e38, 1e-45, 1.0 + 2**-8])
+    ref = y.to(torch.bfloat16).float()
+    out = cpu._round_to_bf16(y)
+    assert torch.equal(out.isnan(), ref.isnan())
+    keep = ~ref.isnan()
+    assert torch.equal(out[keep].view(torch.int32), ref[keep].view(torch.int32))

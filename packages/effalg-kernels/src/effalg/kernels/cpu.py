@@ -3,7 +3,10 @@
 * int8 GEMMs run on oneDNN's AMX/VNNI brgemm through ``torch.ops.onednn.qlinear_pointwise`` when the weight is
   prepacked (:func:`prepack_int8_weight`); the per-channel weight scale is fused there, and the per-token activation
   scale and bias are applied in one pass afterwards (oneDNN's PyTorch binding has no per-row source scale).
-* Plain ``int8[N, K]`` weights go through ``torch._int_mm`` (oneDNN gemm) with the same single-pass epilogue.
+* Plain ``int8[N, K]`` weights go through ``torch._int_mm`` (oneDNN gemm); the weight scale, per-token scale and bias
+  follow in one inductor-fused pass over the int32 result (eager ops for small results).
+* Large inputs run row chunk by row chunk (quantize, GEMM, epilogue into the output), so the int32 and float
+  temporaries stay bounded (``INT8_MM_CHUNK_NUMEL`` elements) instead of growing with the number of rows.
 * Activation quantization is division-exact with the reference (same float32 ops in the same order).
 """
 
@@ -17,7 +20,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .packing import unpack_bits, unpack_int4_symmetric
+from .packing import unpack_bits
 from .reference import AMAX_EPS, quantize_groups, quantize_static_ref, unpack_wxa8_weight
 
 logger = logging.getLogger(__name__)
@@ -149,6 +152,99 @@ def _epilogue(y: torch.Tensor, a_scale: Optional[torch.Tensor], bias: Optional[t
     return torch.addcmul(bias.to(y.dtype), y, s).to(out_dtype)
 
 
+#: Elements of the int32 GEMM result per row chunk of the int8 GEMM paths (:func:`int8_scaled_mm_cpu`,
+#: :func:`w8a8_linear_cpu`, :func:`w4a8_linear_cpu`): larger inputs are quantized, multiplied and finished chunk by
+#: chunk into the output, so that the int32 result and the epilogue's float32 temporary (16 MiB each) stay about
+#: last-level-cache sized and below glibc's largest mmap threshold (32 MiB): heap memory reused from chunk to chunk
+#: instead of fresh pages, each page-faulted on first touch, on every call (measured: 1.5-2x faster at 8192 rows with
+#: glibc's default malloc; on par with the unchunked path under :func:`configure_allocator`).
+INT8_MM_CHUNK_NUMEL = 1 << 22
+
+
+def _row_chunks(M: int, N: int) -> list[slice]:
+    """``M`` rows split into equal chunks of at most ``INT8_MM_CHUNK_NUMEL / N`` rows (at least 64)."""
+    rows = max(64, INT8_MM_CHUNK_NUMEL // max(N, 1))
+    if M <= rows:
+        return [slice(0, M)]
+    step = -(-M // -(-M // rows))
+    return [slice(i, min(i + step, M)) for i in range(0, M, step)]
+
+
+def _round_to_bf16(y: torch.Tensor) -> torch.Tensor:
+    """float32 ``y`` rounded to the nearest bfloat16 value (ties to even), kept in float32: ``y.to(bfloat16).float()``
+    as integer ops on the bits (inductor elides a down-cast followed by an up-cast, and bfloat16 vectors in the loop
+    would slow down its int32 conversion). NaN stays NaN."""
+    r = y.view(torch.int32)
+    r = (r + (0x7FFF + ((r >> 16) & 1))) & -65536
+    return torch.where(y != y, y, r.view(torch.float32))  # y != y: NaN (isnan vectorizes worse)
+
+
+def _int8_mm_epilogue(acc, w_scale, a_scale, bias, round_bf16: bool):
+    """The eager epilogue's numbers in one fused pass, in float32: ``acc * w_scale`` (``acc``: the int32 GEMM result;
+    ``w_scale`` None: the oneDNN result, already scaled and rounded), rounded to bfloat16 if ``round_bf16``, then
+    ``bias + y * a_scale``. ``a_scale`` ``[M, 1]`` and ``bias`` ``[1, N]`` come as float32 holding values already
+    rounded like the GEMM result; an absent bias is ``-0.0`` (``-0.0 + v == v`` for every v, signed zeros included).
+    The caller rounds the result to the output dtype (in the same pass that writes it into the output)."""
+    y = acc.to(torch.float32)
+    if w_scale is not None:
+        y = y * w_scale
+        if round_bf16:
+            y = _round_to_bf16(y)
+    return bias + y * a_scale
+
+
+def _int8_mm_chunk(a, a_scale, w, w_scale, bias, out_dtype: torch.dtype, quantize: bool, out=None) -> torch.Tensor:
+    """:func:`int8_scaled_mm_cpu` on one row chunk (``quantize``: ``a`` is float, quantized per token here first),
+    written into ``out`` if given."""
+    if quantize:
+        a, a_scale = _quantize_rows(a, 0)
+    N = w_scale.shape[0]
+    # The GEMM result (with the per-channel weight scale) is rounded to the output dtype once (fp16 goes through
+    # fp32: oneDNN's binding offers no fp16 output), then the per-token scale and bias (both rounded to that dtype
+    # too) follow in fp32, rounded once more to the output dtype. Small results take eager ops (an fp32 addcmul with a
+    # fused multiply-add), larger ones the fused pass (the product rounded to fp32 before the bias is added: the same
+    # bits for bf16, at most one fp32 ulp apart before the final rounding otherwise). Both weight layouts finish
+    # through the same epilogue, so plain and prepacked weights give bit-identical results.
+    gemm_dtype = out_dtype if out_dtype in (torch.float32, torch.bfloat16) else torch.float32
+    if w.layout == torch._mkldnn:  # AMX/VNNI brgemm, weight scale fused
+        zp = torch.zeros(N, dtype=torch.int64)
+        y = torch.ops.onednn.qlinear_pointwise(
+            a.contiguous(), 1.0, 0, w, w_scale.contiguous(), zp, None, 1.0, 0, gemm_dtype, "none", [], ""
+        )
+        ws = None
+    else:
+        y, ws = _int32_gemm(a, w), w_scale
+
+    def eager(*_):
+        y_ = y if ws is None else y.to(torch.float32).mul_(ws.reshape(1, -1)).to(gemm_dtype)
+        return _epilogue(y_, a_scale, bias, out_dtype)
+
+    if y.numel() < FUSED_QUANT_MIN_NUMEL or _FUSED.get(_int8_mm_epilogue) is False:
+        r = eager()
+    else:
+        # Fresh float32 copies of the small operands (see _wxa8_epilogue), rounded as the eager path rounds them, and
+        # of the same shapes with or without a scale or bias (fewer recompilations).
+        f32 = dict(dtype=torch.float32, copy=True)
+        s = torch.ones(y.shape[0], 1) if a_scale is None else a_scale.reshape(-1, 1).to(gemm_dtype).to(**f32)
+        b = torch.full((1, N), -0.0) if bias is None else bias.to(gemm_dtype).to(**f32).reshape(1, N)
+        ws = None if ws is None else ws.to(**f32).reshape(1, N)
+        r = _fused_call(_int8_mm_epilogue, y, ws, s, b, gemm_dtype == torch.bfloat16, eager=eager)
+    return r.to(out_dtype) if out is None else out.copy_(r)
+
+
+def _int8_mm_rows(a, a_scale, w, w_scale, bias, out_dtype: torch.dtype, quantize: bool = False) -> torch.Tensor:
+    """:func:`_int8_mm_chunk` over the row chunks of ``a[M, K]`` (:func:`_row_chunks`), into one ``[M, N]`` output."""
+    N = w_scale.shape[0]
+    chunks = _row_chunks(a.shape[0], N)
+    if len(chunks) == 1:
+        return _int8_mm_chunk(a, a_scale, w, w_scale, bias, out_dtype, quantize)
+    out = torch.empty(a.shape[0], N, dtype=out_dtype)
+    for r in chunks:
+        s = None if a_scale is None else a_scale[r]
+        _int8_mm_chunk(a[r], s, w, w_scale, bias, out_dtype, quantize, out=out[r])
+    return out
+
+
 def int8_scaled_mm_cpu(
     a: torch.Tensor,
     a_scale: Optional[torch.Tensor],
@@ -157,25 +253,13 @@ def int8_scaled_mm_cpu(
     bias: Optional[torch.Tensor],
     out_dtype: torch.dtype,
 ) -> torch.Tensor:
-    N = w_scale.shape[0]
-    # The GEMM result (with the per-channel weight scale) is rounded to the output dtype once (fp16 goes through
-    # fp32: oneDNN's binding offers no fp16 output), then the per-token scale and bias follow in one pass. Plain and
-    # prepacked weights give bit-identical results.
-    gemm_dtype = out_dtype if out_dtype in (torch.float32, torch.bfloat16) else torch.float32
-    if w.layout == torch._mkldnn:  # AMX/VNNI brgemm, weight scale fused
-        zp = torch.zeros(N, dtype=torch.int64)
-        y = torch.ops.onednn.qlinear_pointwise(
-            a.contiguous(), 1.0, 0, w, w_scale.contiguous(), zp, None, 1.0, 0, gemm_dtype, "none", [], ""
-        )
-    else:
-        y = _int32_gemm(a, w).to(torch.float32).mul_(w_scale.reshape(1, -1)).to(gemm_dtype)
-    return _epilogue(y, a_scale, bias, out_dtype)
+    return _int8_mm_rows(a, a_scale, w, w_scale, bias, out_dtype)
 
 
 def w8a8_linear_cpu(x: torch.Tensor, w: torch.Tensor, w_scale: torch.Tensor, bias: Optional[torch.Tensor]):
+    """Per-token quantization, GEMM and epilogue, row chunk by row chunk (:func:`_int8_mm_rows`)."""
     K = x.shape[-1]
-    q, s = _quantize_rows(x.reshape(-1, K), 0)
-    y = int8_scaled_mm_cpu(q, s, w, w_scale, bias, x.dtype)
+    y = _int8_mm_rows(x.reshape(-1, K), None, w, w_scale, bias, x.dtype, quantize=True)
     return y.reshape(*x.shape[:-1], w_scale.shape[0])
 
 
@@ -184,11 +268,11 @@ def w4a8_linear_cpu(
 ) -> torch.Tensor:
     K = x.shape[-1]
     N = w.shape[0]
-    qa, sa = _quantize_rows(x.reshape(-1, K), 0)
-    qw = unpack_int4_symmetric(w, K)  # int8 [N, K], unpacked per call: the int4 bytes are what is stored
+    qw = _unpack_codes(w, 4, K)  # int8 [N, K], unpacked per call (one fused pass): the int4 bytes are what is stored
     if group_size == 0 or group_size == K:
-        y = int8_scaled_mm_cpu(qa, sa, qw, w_scale.reshape(N), bias, x.dtype)
+        y = _int8_mm_rows(x.reshape(-1, K), None, qw, w_scale.reshape(N), bias, x.dtype, quantize=True)
         return y.reshape(*x.shape[:-1], N)
+    qa, sa = _quantize_rows(x.reshape(-1, K), 0)
     G = K // group_size
     y = torch.zeros(qa.shape[0], N, dtype=torch.float32)
     for g in range(G):  # exact int32 partial sums per K-group; G is small (K / group_size)
