@@ -259,3 +259,23 @@ def test_inference_mode_and_autograd_inputs(M, isa):
     outs.append(K.weight_only_linear_packed(xg, wb, scale, zero, 3, 32, "blocked", 64, bias))
     for out in outs:
         assert _rel(out.detach(), ref) <= TOL[torch.bfloat16]
+
+
+def test_stale_build_lock_is_removed(tmp_path, monkeypatch):
+    """A lock left by a killed build would make torch wait forever; an old one is removed, a fresh one kept."""
+    import os
+    import time
+
+    from effalg.kernels import weight_only_cpu as woc
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path))
+    from torch.utils.cpp_extension import _get_build_directory
+
+    lock = os.path.join(_get_build_directory(woc._EXT_NAME, False), "lock")
+    open(lock, "w").close()
+    woc._clear_stale_lock()
+    assert os.path.exists(lock)  # fresh: a build may be running
+    old = time.time() - woc.STALE_LOCK_S - 60
+    os.utime(lock, (old, old))
+    woc._clear_stale_lock()
+    assert not os.path.exists(lock)

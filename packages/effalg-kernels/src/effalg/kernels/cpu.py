@@ -20,7 +20,6 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from .packing import unpack_bits
 from .reference import AMAX_EPS, quantize_groups, quantize_static_ref, unpack_wxa8_weight
 
 logger = logging.getLogger(__name__)
@@ -463,24 +462,6 @@ def wxa8_conv2d_cpu(
     return y.view(B, N, Ho, Wo)
 
 
-def weight_only_linear_cpu(
-    x: torch.Tensor,
-    w: torch.Tensor,
-    scale: torch.Tensor,
-    zero: torch.Tensor,
-    bits: int,
-    group_size: int,
-    bias: Optional[torch.Tensor],
-) -> torch.Tensor:
-    K = x.shape[-1]
-    N = w.shape[0]
-    gs = K if group_size == 0 else group_size
-    G = K // gs
-    u = unpack_bits(w, bits, K).reshape(N, G, gs).to(torch.float32)
-    W = (u - zero.reshape(N, G, 1).float()).mul_(scale.reshape(N, G, 1).float()).reshape(N, K).to(x.dtype)
-    return F.linear(x, W, None if bias is None else bias.to(x.dtype))
-
-
 _REGISTERED = False
 _LIB = torch.library.Library("effalg", "IMPL")  # keeps the MkldnnCPU registrations alive
 
@@ -495,7 +476,6 @@ def register() -> None:
         ("int8_scaled_mm", int8_scaled_mm_cpu),
         ("w8a8_linear", w8a8_linear_cpu),
         ("w4a8_linear", w4a8_linear_cpu),
-        ("weight_only_linear", weight_only_linear_cpu),
         ("wxa8_linear", wxa8_linear_cpu),
         ("smooth_hadamard", smooth_hadamard_cpu),
     ]:

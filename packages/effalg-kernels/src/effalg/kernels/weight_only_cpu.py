@@ -31,6 +31,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+import time
 import weakref
 from pathlib import Path
 from typing import Optional
@@ -93,9 +94,28 @@ def native_available() -> bool:
     return _native
 
 
+#: A build lock older than this was left by a killed build (a build takes about a minute); torch would wait on it
+#: forever.
+STALE_LOCK_S = 600
+
+
+def _clear_stale_lock() -> None:
+    try:
+        from torch.utils.cpp_extension import _get_build_directory  # private; guarded
+
+        lock = Path(_get_build_directory(_EXT_NAME, False)) / "lock"
+        if lock.exists() and time.time() - lock.stat().st_mtime > STALE_LOCK_S:
+            logger.warning("effalg: removing the stale build lock %s (left by a killed build)", lock)
+            lock.unlink(missing_ok=True)
+    except Exception:  # no private helper in this torch, permissions, ...: torch's own locking applies
+        pass
+
+
 def _build() -> bool:
     try:
         from torch.utils import cpp_extension
+
+        _clear_stale_lock()
 
         flags = [] if os.name == "nt" else ["-O3", "-fopenmp"]
         logger.info("effalg: loading the native CPU weight-only kernels (built once, cached by torch)")
