@@ -117,21 +117,18 @@ def bench_denoiser(blocks: int, tokens: int, steps: int, reps: int, vidit_q: boo
 
 
 def bench_kernel(tokens: int, reps: int) -> dict:
-    """The band kernel alone against SDPA with the same band as a boolean mask, and against full attention."""
-    import torch.nn.functional as F
+    """The band kernel alone against SDPA with the same band as a boolean mask, and against full attention
+    (``benchmarks/band_attention.py``'s measurement at bf16, B = 2, 16 heads x 72, window ±tokens / 8)."""
+    from types import SimpleNamespace
 
-    from effalg.kernels import band_attention
+    from band_attention import band_mask, time_case
 
-    g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(2, 16, tokens, 72, generator=g).to(torch.bfloat16) for _ in range(3))
     w = tokens // 8
-    i = torch.arange(tokens)
-    mask = (i[:, None] - i[None, :]).abs() <= w
-    full = median_ms(lambda: F.scaled_dot_product_attention(q, k, v), warmup=1, reps=reps)
-    masked = median_ms(lambda: F.scaled_dot_product_attention(q, k, v, attn_mask=mask), warmup=1, reps=reps)
-    band = median_ms(lambda: band_attention(q, k, v, w + 1), warmup=1, reps=reps)
-    return {"tokens": tokens, "window": w, "kept": float(mask.float().mean()), "full_ms": full, "masked_ms": masked,
-            "band_ms": band}  # fmt: skip
+    mask = band_mask(tokens, w + 1, 0)
+    args = SimpleNamespace(batch=2, heads=16, head_dim=72, sink=0, warmup=1, reps=reps)
+    ms, _ = time_case(args, tokens, torch.bfloat16, w + 1, mask)
+    return {"tokens": tokens, "window": w, "kept": float(mask.float().mean()), "full_ms": ms["full"],
+            "masked_ms": ms["masked"], "band_ms": ms["band"]}  # fmt: skip
 
 
 def main() -> None:

@@ -280,7 +280,7 @@ def _sensitivity(model, layers, samples, image_token: int, progress: bool) -> tu
             counts[0] += int(masks["vision"].sum())
             counts[1] += int(masks["text"].sum())
             with torch.enable_grad():
-                out = model(**{k: v for k, v in s.items()}, use_cache=False)
+                out = model(**s, use_cache=False)
                 (out.loss / len(samples)).backward()
     finally:
         for h in handles:
