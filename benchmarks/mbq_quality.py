@@ -9,9 +9,12 @@ and W4A8, in one table, plus the per-layer vision/text gradient ratios MBQ measu
 
 Calibration on ``--n-cal`` samples of ``effalg.core.eval.vlm_samples`` (seed 0); evaluation by
 ``effalg.core.eval.evaluate_vlm`` on ``--n-eval`` held-out images x 3 questions (exact match; chance: shape 1/3,
-colour and background 1/6) and the answer's negative log-likelihood. Weight-only groups are 128 wide (or the largest
+colour and background 1/6), the answer's negative log-likelihood and the fidelity to the float model: the KL
+divergence ``KL(FP || quantized)`` of the first answer token's distribution (``effalg.core.metrics.kl_divergence``),
+the column that separates methods on a decoder that answers every question right at 3 bits. Weight-only groups are 128 wide (or the largest
 power of two dividing every decoder input width, if smaller); "W3 per-channel" (one scale per output row) is the
-harder setting on a decoder as robust as this one.
+harder setting on a decoder as robust as this one; "vision W4A8" also quantizes the vision tower (round-to-nearest
+W4A8, ``MBQConfig(quantize_vision_tower=True)``).
 
     python benchmarks/mbq_quality.py [--n-eval 96] [--n-cal 32] [--json out.json]
 """
@@ -30,7 +33,13 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from common import format_table  # noqa: E402
 
-SETTINGS = {"W4": (4, None, None), "W3": (3, None, None), "W3 per-channel": (3, None, 0), "W4A8": (4, 8, 0)}
+SETTINGS = {  # name: (weight bits, act bits, group (None: the default), vision tower at W4A8 too)
+    "W4": (4, None, None, False),
+    "W3": (3, None, None, False),
+    "W3 per-channel": (3, None, 0, False),
+    "W4A8": (4, 8, 0, False),
+    "W4A8, vision W4A8": (4, 8, 0, True),
+}
 
 
 def group_size(model) -> int:
@@ -69,8 +78,9 @@ def add_outlier_channels(model, k: int, scale: float, seed: int = 0) -> list[int
 def run(n_eval: int, n_cal: int, progress: bool, outliers: int = 0, outlier_scale: float = 30.0) -> dict:
     from effalg.core.config import LinearQuantConfig, quantize_
     from effalg.core.eval import evaluate_vlm, vlm_samples
+    from effalg.core.metrics import kl_divergence
     from effalg.transformers import MBQConfig, calibrate_mbq
-    from effalg.transformers.mbq import _float_modules, decoder_layers
+    from effalg.transformers.mbq import _float_modules, decoder_layers, vision_tower
     from effalg.transformers.reference_models import load_reference_vlm
 
     def load():
@@ -81,33 +91,39 @@ def run(n_eval: int, n_cal: int, progress: bool, outliers: int = 0, outlier_scal
     model, processor = load()
     samples = vlm_samples(processor, n=n_cal, seed=0)
     gs = group_size(model)
-    rows = [{"setting": "FP", "method": "-", "calib_s": 0.0, **evaluate_vlm(model, processor, n_samples=n_eval)}]
+    fp = evaluate_vlm(model, processor, n_samples=n_eval, return_logits=True)
+    fp_logits = fp.pop("answer_logits")
+    rows = [{"setting": "FP", "method": "-", "calib_s": 0.0, "kl": 0.0, **fp}]
     ratios = None
-    for setting, (wb, ab, group) in SETTINGS.items():
+    for setting, (wb, ab, group, vision) in SETTINGS.items():
         group = gs if group is None else group
         for method in ("RTN", "AWQ", "MBQ"):
             model, _ = load()
             t = time.perf_counter()
             if method == "RTN":
                 prefix, _ = decoder_layers(model)
+                if vision:
+                    quantize_(model.get_submodule(vision_tower(model)), LinearQuantConfig(weight_bits=4, act_bits=8))
                 cfg = LinearQuantConfig(
                     weight_bits=wb,
                     act_bits=ab,
                     weight_group_size=group,
                     weight_symmetric=ab == 8,
-                    modules_to_not_convert=_float_modules(model, prefix),
+                    modules_to_not_convert=_float_modules(model, prefix, *([vision_tower(model)] if vision else [])),
                 )
                 quantize_(model, cfg)  # fmt: skip
             else:
-                cfg = MBQConfig(weight_bits=wb, act_bits=ab, group_size=group, balance_modalities=method == "MBQ")
+                cfg = MBQConfig(weight_bits=wb, act_bits=ab, group_size=group, balance_modalities=method == "MBQ",
+                                quantize_vision_tower=vision)  # fmt: skip
                 calibrate_mbq(model, processor, samples, cfg, progress=progress)
                 if method == "MBQ" and setting == "W3":
                     ratios = cfg.calibration["vision_text_grad_ratio"]
             calib_s = time.perf_counter() - t
-            res = evaluate_vlm(model, processor, n_samples=n_eval)
+            res = evaluate_vlm(model, processor, n_samples=n_eval, return_logits=True)
+            kl = kl_divergence(fp_logits, res.pop("answer_logits"))
             rows.append({"setting": f"{setting}" + (f" g{group}" if group else ""), "method": method,
-                         "calib_s": calib_s, **res})  # fmt: skip
-            print(f"{setting} {method}: all {res['all_acc']:.3f} ({calib_s:.0f} s)", flush=True)
+                         "calib_s": calib_s, "kl": kl, **res})  # fmt: skip
+            print(f"{setting} {method}: all {res['all_acc']:.3f}, KL {kl:.2e} ({calib_s:.0f} s)", flush=True)
     return {"rows": rows, "ratios": ratios, "n_eval": n_eval, "n_cal": n_cal}
 
 
@@ -121,11 +137,12 @@ def table(result: dict) -> str:
             f"{r['bg_acc']:.3f}",
             f"{r['all_acc']:.3f}",
             f"{r['loss']:.2e}",
+            f"{r['kl']:.2e}",
             f"{r['calib_s']:.0f}",
         ]  # fmt: skip
         for r in result["rows"]
     ]
-    out = format_table(["setting", "method", "shape", "colour", "bg", "all", "answer NLL", "calib s"], rows)
+    out = format_table(["setting", "method", "shape", "colour", "bg", "all", "answer NLL", "KL vs FP", "calib s"], rows)
     if result["ratios"]:
         a, m = result["ratios"]["attn"], result["ratios"]["mlp"]
         out += "\n\nvision / text gradient ratio per decoder layer (MBQ W3 calibration):\n"

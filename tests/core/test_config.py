@@ -1,3 +1,4 @@
+import json
 from dataclasses import dataclass
 
 import pytest
@@ -151,3 +152,44 @@ def test_mha_out_proj_not_swapped():
     mha = nn.Sequential(nn.Linear(8, 8), nn.MultiheadAttention(8, 2))
     quantize_(mha, LinearQuantConfig())
     assert isinstance(mha[0], W8A8Linear) and type(mha[1].out_proj) is nn.modules.linear.NonDynamicallyQuantizableLinear
+
+
+def test_module_config_map_routes_by_longest_prefix():
+    from effalg.core.config import ModuleConfigMap
+
+    model = _Tiny()
+    x = torch.randn(2, 16)
+    ref = model(x)
+    cfg = ModuleConfigMap(
+        {
+            "": LinearQuantConfig(weight_bits=3, act_bits=None, weight_group_size=8, weight_symmetric=False),
+            "blocks": LinearQuantConfig(weight_bits=4, act_bits=8),
+            "blocks.1": LinearQuantConfig(weight_bits=8, act_bits=8, modules_to_not_convert=["blocks.1.0"]),
+        },
+        modules_to_not_convert=["proj_out"],
+    )
+    quantize_(model, cfg)
+    assert isinstance(model.proj_in, WeightOnlyLinear) and model.proj_in.bits == 3 and model.proj_in.group_size == 8
+    assert isinstance(model.blocks[0][0], W4A8Linear)
+    assert type(model.blocks[1][0]) is nn.Linear and type(model.proj_out) is nn.Linear
+    assert (model(x) - ref).abs().max() < 0.3 * ref.abs().max()
+    d = cfg.to_dict()
+    assert d["configs"]["blocks"]["type"] == "LinearQuantConfig"
+    again = ModuleConfigMap.from_dict(json.loads(json.dumps(d)))
+    assert again.configs == cfg.configs and again.to_dict() == d
+    assert ModuleConfigMap({"blocks": LinearQuantConfig()}).config_for("proj_in") is None
+
+
+def test_module_config_map_errors():
+    from effalg.core.config import ModuleConfigMap
+
+    with pytest.raises(ValueError, match="non-empty"):
+        ModuleConfigMap({})
+    with pytest.raises(ValueError, match="unknown config type 'Nope'"):
+        ModuleConfigMap({"": {"type": "Nope"}})
+    with pytest.raises(ValueError, match="needs a 'type'"):
+        ModuleConfigMap({"": {"weight_bits": 8}})
+    with pytest.raises(TypeError, match="not a map"):
+        ModuleConfigMap({"": ModuleConfigMap({"": LinearQuantConfig()})})
+    with pytest.raises(ValueError, match=r"ModuleConfigMap.configs.*'missing'"):
+        quantize_(_Tiny(), ModuleConfigMap({"missing": LinearQuantConfig()}))

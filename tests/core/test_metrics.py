@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from effalg.core.metrics import cosine_similarity, mse, psnr, relative_l2, sqnr, ssim
+from effalg.core.metrics import cosine_similarity, kl_divergence, mse, psnr, relative_l2, sqnr, ssim
 
 
 def test_sqnr_hand_value():
@@ -21,6 +21,16 @@ def test_relative_l2_and_cosine():
     assert cosine_similarity(torch.tensor([1.0, 0.0]), torch.tensor([1.0, 1.0])) == pytest.approx(1 / math.sqrt(2))
     assert cosine_similarity(torch.tensor([1.0, 2.0]), torch.tensor([-2.0, -4.0])) == pytest.approx(-1.0)
     assert mse(ref, torch.tensor([1.0, 4.0])) == pytest.approx(2.0)
+
+
+def test_kl_divergence_hand_value():
+    ref = torch.log(torch.tensor([[0.5, 0.5], [0.9, 0.1]]))
+    x = torch.log(torch.tensor([[0.9, 0.1], [0.9, 0.1]])) + 3.0  # logits: a constant shift changes nothing
+    want = (0.5 * math.log(0.5 / 0.9) + 0.5 * math.log(0.5 / 0.1)) / 2
+    assert kl_divergence(ref, x) == pytest.approx(want)
+    assert kl_divergence(ref, ref) == 0.0
+    with pytest.raises(ValueError, match="ref_logits and logits"):
+        kl_divergence(ref, x[:1])
 
 
 def test_psnr_hand_value():

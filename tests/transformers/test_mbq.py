@@ -83,6 +83,41 @@ def test_calibrate_save_reload_bit_identical(kind, bits, request, tmp_path):
     assert torch.equal(_run(again, samples[0]), out)
 
 
+@pytest.mark.parametrize("kind", KINDS)
+def test_vision_tower_w4a8_option_saves_and_reloads(kind, request, tmp_path):
+    ckpt = request.getfixturevalue(f"tiny_{kind}_ckpt")
+    model = _float(ckpt)
+    samples = tiny_vlm_samples(model, n=2)
+    ref = _run(model, samples[0])
+    cfg = MBQConfig(weight_bits=4, group_size=32, quantize_vision_tower=True)
+    calibrate_mbq(model, None, samples, cfg, progress=False)
+    prefix, _ = decoder_layers(model)
+    vt = cfg.vision_tower
+    assert vt == {"qwen2_vl": "model.visual"}.get(kind, "model.vision_tower") and cfg.method_tag == "w4a16-g32+vision-w4a8"
+    kinds = {n: type(m) for n, m in model.named_modules() if isinstance(m, (W4A8Linear, WeightOnlyLinear, nn.Linear))}
+    assert all(t is W4A8Linear for n, t in kinds.items() if n.startswith(vt + "."))
+    assert all(t is WeightOnlyLinear for n, t in kinds.items() if n.startswith(prefix + "."))
+    assert kinds["lm_head"] is nn.Linear and not any(n.startswith(vt) for n in cfg.modules_to_not_convert)
+    out = _run(model, samples[0])
+    assert (out - ref).abs().mean() < 0.5 * ref.abs().mean()
+    model.save_pretrained(tmp_path)
+    saved = json.load(open(tmp_path / "config.json"))["quantization_config"]
+    assert saved["quantize_vision_tower"] is True and saved["vision_tower"] == vt
+    again = AutoModelForImageTextToText.from_pretrained(tmp_path).eval()
+    assert isinstance(again.get_submodule(vt + "." + next(n for n in kinds if n.startswith(vt + "."))[len(vt) + 1 :]),
+                      W4A8Linear)  # fmt: skip
+    assert torch.equal(_run(again, samples[0]), out)
+
+
+def test_vision_tower_option_needs_a_vision_tower(tiny_llava_ckpt):
+    from effalg.transformers.mbq import vision_tower
+
+    with pytest.raises(ValueError, match="has no vision tower module"):
+        vision_tower(nn.Sequential(nn.Linear(2, 2)))
+    with pytest.raises(TypeError, match="quantize_vision_tower must be a bool"):
+        MBQConfig(quantize_vision_tower="yes")
+
+
 def test_mbq_weighs_vision_tokens_by_gradient_ratio(tiny_llava_ckpt):
     model = _float(tiny_llava_ckpt)
     samples = tiny_vlm_samples(model, n=3)

@@ -76,7 +76,8 @@ def test_oracle_scores_one_and_chance_levels():
     assert model.calls == 3 * 3  # one forward per batch (single-token answers): 3 questions x ceil(20 / 8)
     assert res["chance"] == {"shape_acc": 1 / 3, "color_acc": 1 / 6, "bg_acc": 1 / 6, "all_acc": 2 / 9}
     # greedy decoding past the answer stops at </s> and gives the same scores
-    res3 = evaluate_vlm(OracleModel(proc.tokenizer), proc, n_samples=20, seed=3, max_new_tokens=3)
+    res3 = evaluate_vlm(OracleModel(proc.tokenizer), proc, n_samples=20, seed=3, max_new_tokens=3, return_logits=True)
+    assert res3["answer_logits"].shape == (3 * 20, len(proc.tokenizer.vocab)) and "answer_logits" not in res
     assert res3["all_acc"] == 1.0 and abs(res3["loss"] - res["loss"]) < 1e-6
 
 

@@ -38,6 +38,7 @@ _EXPORTS = {
     "EffalgConfig": "config",
     "LinearQuantConfig": "config",
     "BitPlanConfig": "config",
+    "ModuleConfigMap": "config",
     "register_handler": "config",
     "get_handler": "config",
     "quantize_": "config",
@@ -70,6 +71,7 @@ _EXPORTS = {
     "relative_l2": "metrics",
     "cosine_similarity": "metrics",
     "mse": "metrics",
+    "kl_divergence": "metrics",
     "psnr": "metrics",
     "ssim": "metrics",
     # io

@@ -32,6 +32,7 @@ __all__ = [
     "quantize_",
     "check_module_names",
     "BitPlanConfig",
+    "ModuleConfigMap",
 ]
 
 logger = logging.getLogger(__name__)
@@ -322,3 +323,85 @@ def _bit_plan_handler(module: nn.Module, config: BitPlanConfig, name: str) -> nn
         weight_bits=wb, act_bits=ab, weight_group_size=0 if (wb, ab) == (8, 8) else config.weight_group_size
     )
     return _linear_quant_handler(module, sub, name)
+
+
+def _registered_config_class(name: str) -> type[EffalgConfig]:
+    for klass in _HANDLERS:
+        if klass.__name__ == name:
+            return klass
+    raise ValueError(f"ModuleConfigMap: unknown config type {name!r} (registered: {sorted(k.__name__ for k in _HANDLERS)})")
+
+
+def _under(name: str, prefix: str) -> bool:
+    return prefix == "" or name == prefix or name.startswith(prefix + ".")
+
+
+@dataclass
+class ModuleConfigMap(EffalgConfig):
+    """Different configs for different parts of a model (torchao's ``ModuleFqnToConfig``).
+
+    ``configs`` maps a module-name prefix to a config; each module is offered to the handler of the config with the
+    longest prefix containing it (``""`` = every module no other prefix covers; a module no prefix covers is left
+    alone). E.g. ``{"": LinearQuantConfig(3, None, 128), "model.vision_tower": LinearQuantConfig(4, 8)}``.
+
+    Args:
+        configs: prefix -> config (an :class:`EffalgConfig` of a registered type, or its ``to_dict()`` with a
+            ``"type"`` key naming the class).
+        modules_to_not_convert: module names (subtrees) kept in float, whatever their prefix.
+    """
+
+    configs: dict = field(default_factory=dict)
+    modules_to_not_convert: list[str] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if not isinstance(self.configs, Mapping) or not self.configs:
+            raise ValueError(f"ModuleConfigMap: configs must be a non-empty dict of prefix -> config, got {self.configs!r}")
+        parsed: dict[str, EffalgConfig] = {}
+        for prefix, cfg in self.configs.items():
+            if not isinstance(prefix, str):
+                raise TypeError(f"ModuleConfigMap: prefix {prefix!r} must be a module name (str)")
+            if isinstance(cfg, Mapping):
+                data = dict(cfg)
+                if "type" not in data:
+                    raise ValueError(f"ModuleConfigMap: config of {prefix!r} needs a 'type' key naming its class")
+                cfg = _registered_config_class(data.pop("type")).from_dict(data)
+            if not isinstance(cfg, EffalgConfig) or isinstance(cfg, ModuleConfigMap):
+                raise TypeError(
+                    f"ModuleConfigMap: config of {prefix!r} must be an EffalgConfig (not a map), got {type(cfg).__name__}"
+                )
+            get_handler(cfg)
+            parsed[prefix] = cfg
+        self.configs = parsed
+        if isinstance(self.modules_to_not_convert, str):
+            raise TypeError("ModuleConfigMap: modules_to_not_convert must be a list of names, not a string")
+        self.modules_to_not_convert = list(self.modules_to_not_convert or [])
+
+    def config_for(self, name: str) -> EffalgConfig | None:
+        """The config of the longest prefix containing module ``name`` (None: no prefix does)."""
+        best = None
+        for prefix in self.configs:
+            if _under(name, prefix) and (best is None or len(prefix) > len(best)):
+                best = prefix
+        return None if best is None else self.configs[best]
+
+    def check_model(self, model: nn.Module) -> None:
+        check_module_names(model, [p for p in self.configs if p], "ModuleConfigMap.configs")
+        for cfg in self.configs.values():
+            check_module_names(model, getattr(cfg, "modules_to_not_convert", None) or [])
+            cfg.check_model(model)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "configs": {p: {"type": type(c).__name__, **c.to_dict()} for p, c in self.configs.items()},
+            "modules_to_not_convert": list(self.modules_to_not_convert),
+            "version": self.version,
+        }
+
+
+@register_handler(ModuleConfigMap)
+def _module_config_map_handler(module: nn.Module, config: ModuleConfigMap, name: str) -> nn.Module | None:
+    sub = config.config_for(name)
+    if sub is None or _is_excluded(name, getattr(sub, "modules_to_not_convert", None) or []):
+        return None
+    return get_handler(sub)(module, sub, name)

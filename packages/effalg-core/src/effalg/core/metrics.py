@@ -1,4 +1,4 @@
-"""Error and image-quality metrics: SQNR, relative L2, cosine similarity, PSNR, SSIM.
+"""Error and image-quality metrics: SQNR, relative L2, cosine similarity, KL divergence of logits, PSNR, SSIM.
 
 All metrics accept torch tensors or numpy arrays, compute in float64 and return Python floats (or a float64 tensor
 for ``ssim(..., reduction="none")``).
@@ -11,7 +11,7 @@ from typing import Any
 
 import torch
 
-__all__ = ["sqnr", "relative_l2", "cosine_similarity", "mse", "psnr", "ssim"]
+__all__ = ["sqnr", "relative_l2", "cosine_similarity", "mse", "kl_divergence", "psnr", "ssim"]
 
 
 def _as_f64(x: Any, name: str, fn: str) -> torch.Tensor:
@@ -74,6 +74,18 @@ def mse(ref: Any, x: Any) -> float:
     """Mean squared error."""
     a, b = _pair(ref, x, "mse")
     return (a - b).pow(2).mean().item()
+
+
+def kl_divergence(ref_logits: Any, logits: Any) -> float:
+    """Mean over rows of ``KL(softmax(ref_logits) || softmax(logits))`` in nats (last dim = classes).
+
+    The fidelity of a compressed model's next-token distribution to the float model's, on the same inputs.
+    """
+    a, b = _pair(ref_logits, logits, "kl_divergence", "ref_logits", "logits")
+    if a.dim() == 0:
+        raise ValueError("kl_divergence: logits need a class dimension (last dim), got a scalar")
+    lp, lq = torch.log_softmax(a, -1), torch.log_softmax(b, -1)
+    return float((lp.exp() * (lp - lq)).sum(-1).mean().clamp_min(0.0))
 
 
 def _check_range(data_range: float, fn: str) -> float:

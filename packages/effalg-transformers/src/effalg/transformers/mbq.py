@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
-from effalg.core.config import LinearQuantConfig, quantize_
+from effalg.core.config import EffalgConfig, LinearQuantConfig, ModuleConfigMap, quantize_
 from effalg.core.quant.spec import Granularity, QuantSpec, fake_quantize
 from transformers.quantizers.quantizers_utils import should_convert_module
 from transformers.utils import logging
@@ -42,7 +42,7 @@ from transformers.utils import logging
 from .config import EffalgHfConfigMixin
 from .quantizer import EffalgHfQuantizer
 
-__all__ = ["MBQConfig", "MBQQuantizer", "calibrate_mbq", "decoder_layers"]
+__all__ = ["MBQConfig", "MBQQuantizer", "calibrate_mbq", "decoder_layers", "vision_tower"]
 
 logger = logging.get_logger(__name__)
 
@@ -70,6 +70,11 @@ class MBQConfig(EffalgHfConfigMixin):
         balance_modalities: weigh vision-token errors by the measured gradient ratio (MBQ); False: plain AWQ.
         loss: ``"mae"`` (MBQ's default) or ``"mse"``; None = ``"mae"`` with balancing, ``"mse"`` without (AWQ).
         grid: number of scale exponents tried per group.
+        distort: search each layer on the outputs of the already-quantized previous layers (against the float
+            model's outputs), the original's ``distort`` option.
+        quantize_vision_tower: also quantize the vision tower's linears at W4A8 (per-channel symmetric int4 weights,
+            dynamic per-token int8 activations; round-to-nearest), as in MBQ's prefill demo.
+        vision_tower: the vision tower's module name (filled in by :func:`calibrate_mbq`).
         modules_to_not_convert: float modules (filled in by :func:`calibrate_mbq`: everything but the decoder).
         calibration: what the calibration measured (per-layer vision/text gradient ratios and chosen exponents).
     """
@@ -85,6 +90,9 @@ class MBQConfig(EffalgHfConfigMixin):
         balance_modalities: bool = True,
         loss: str | None = None,
         grid: int = 20,
+        distort: bool = False,
+        quantize_vision_tower: bool = False,
+        vision_tower: str | None = None,
         modules_to_not_convert: list[str] | None = None,
         calibration: dict | None = None,
         version: int = 1,
@@ -119,6 +127,15 @@ class MBQConfig(EffalgHfConfigMixin):
         self.balance_modalities = bool(balance_modalities)
         self.loss = loss
         self.grid = grid
+        if not isinstance(distort, bool):
+            raise TypeError(f"MBQConfig: distort must be a bool, got {distort!r}")
+        self.distort = distort
+        if not isinstance(quantize_vision_tower, bool):
+            raise TypeError(f"MBQConfig: quantize_vision_tower must be a bool, got {quantize_vision_tower!r}")
+        if vision_tower is not None and not isinstance(vision_tower, str):
+            raise TypeError(f"MBQConfig: vision_tower must be a module name (str), got {vision_tower!r}")
+        self.quantize_vision_tower = quantize_vision_tower
+        self.vision_tower = vision_tower
         self.modules_to_not_convert = list(modules_to_not_convert or [])
         self.calibration = calibration
         self.version = version
@@ -134,6 +151,19 @@ class MBQConfig(EffalgHfConfigMixin):
             "version": self.version,
         }
 
+    def to_core_config(self) -> EffalgConfig:
+        """The decoder's ``LinearQuantConfig``; with ``quantize_vision_tower`` a ``ModuleConfigMap`` that adds W4A8
+        for the vision tower."""
+        decoder = LinearQuantConfig.from_dict(self._core_fields())
+        if not (self.quantize_vision_tower and self.vision_tower):
+            return decoder
+        decoder.modules_to_not_convert = []
+        return ModuleConfigMap(
+            {"": decoder, self.vision_tower: LinearQuantConfig(weight_bits=4, act_bits=8)},
+            modules_to_not_convert=list(self.modules_to_not_convert),
+            version=self.version,
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "quant_method": self.quant_method,
@@ -143,6 +173,9 @@ class MBQConfig(EffalgHfConfigMixin):
             "balance_modalities": self.balance_modalities,
             "loss": self.loss,
             "grid": self.grid,
+            "distort": self.distort,
+            "quantize_vision_tower": self.quantize_vision_tower,
+            "vision_tower": self.vision_tower,
             "modules_to_not_convert": list(self.modules_to_not_convert),
             "calibration": self.calibration,
             "version": self.version,
@@ -150,9 +183,9 @@ class MBQConfig(EffalgHfConfigMixin):
 
     @property
     def method_tag(self) -> str:
-        """``w3a16-g128``, ``w4a8``, ..."""
-        tag = f"w{self.weight_bits}a{self.act_bits or 16}"
-        return tag + (f"-g{self.group_size}" if self.group_size else "")
+        """``w3a16-g128``, ``w4a8``, ``w4a8+vision-w4a8``, ..."""
+        tag = f"w{self.weight_bits}a{self.act_bits or 16}" + (f"-g{self.group_size}" if self.group_size else "")
+        return tag + ("+vision-w4a8" if self.quantize_vision_tower else "")
 
     @property
     def card_tags(self) -> list[str]:
@@ -201,20 +234,33 @@ def decoder_layers(model: nn.Module) -> tuple[str, nn.ModuleList]:
     return name, layers
 
 
-def _float_modules(model: nn.Module, prefix: str) -> list[str]:
-    """The top-most modules holding ``nn.Linear`` layers outside the decoder layers ``prefix``."""
-    inside = prefix + "."
-    outside = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not n.startswith(inside)]
+def _float_modules(model: nn.Module, *prefixes: str) -> list[str]:
+    """The top-most modules holding ``nn.Linear`` layers outside the subtrees ``prefixes`` (the quantized parts)."""
+    insides = [p + "." for p in prefixes]
+    outside = [
+        n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not any(n.startswith(i) for i in insides)
+    ]
     out: list[str] = []
     for n in outside:
         parts = n.split(".")
         for i in range(1, len(parts) + 1):
             top = ".".join(parts[:i])
-            if not inside.startswith(top + ".") and top != prefix:
+            if not any(inside.startswith(top + ".") for inside in insides) and top not in prefixes:
                 break
         if top not in out:
             out.append(top)
     return out
+
+
+def vision_tower(model: nn.Module) -> str:
+    """The name of the vision tower module (``*vision_tower`` or ``*visual``, the outermost one)."""
+    names = [n for n, _ in model.named_modules() if n.split(".")[-1] in ("vision_tower", "visual", "vision_model")]
+    if not names:
+        raise ValueError(
+            f"MBQ: {type(model).__name__} has no vision tower module (named 'vision_tower', 'visual' or "
+            "'vision_model'); quantize_vision_tower needs one"
+        )
+    return min(names, key=lambda n: n.count("."))
 
 
 # ---- calibration -----------------------------------------------------------------------------------------------
@@ -392,6 +438,11 @@ def calibrate_mbq(
                     f"{prefix}.{name}; choose a group_size that divides every decoder layer's input width"
                 )
     model.eval()
+    quantized = [prefix]
+    if config.quantize_vision_tower:  # first, so the decoder is calibrated on the vision features it will get
+        config.vision_tower = vision_tower(model)
+        quantize_(model.get_submodule(config.vision_tower), LinearQuantConfig(weight_bits=4, act_bits=8))
+        quantized.append(config.vision_tower)
     n = len(layers)
     if config.balance_modalities:
         attn_r, mlp_r = _sensitivity(model, layers, samples, image_token, progress)
@@ -413,15 +464,24 @@ def calibrate_mbq(
     exponents: list[dict[str, float]] = []
     with torch.no_grad():
         inputs = _layer_inputs(model, layers, samples)
+        q_inputs = inputs  # with ``distort``: the inputs the quantized previous layers produce
         for i, layer in enumerate(tqdm(layers, desc="MBQ scale search", disable=not progress)):
             if config.balance_modalities:  # answer tokens weigh 1, vision tokens w, the prompt 0
                 weights = [(t.float(), v.float()) for v, t in zip(vision, text)]
             else:  # AWQ: every token weighs 1
                 weights = [(torch.ones_like(v, dtype=torch.float32), torch.zeros_like(v, dtype=torch.float32))
                            for v in vision]  # fmt: skip
-            exponents.append(_search_layer(layer, inputs, weights, w_attn[i], w_mlp[i], w_spec, a_spec, config))
+            exponents.append(
+                _search_layer(layer, inputs, q_inputs, weights, w_attn[i], w_mlp[i], w_spec, a_spec, config)
+            )
+            if config.distort:
+                lins = [m for m in layer.modules() if isinstance(m, nn.Linear)]
+                with _ScaledQuant(lins, torch.ones(()), w_spec, a_spec):
+                    q_inputs = [_with_hidden(a, k, _out(layer(*a, **k))) for a, k in q_inputs]
             inputs = [_with_hidden(a, k, _out(layer(*a, **k))) for a, k in inputs]
-    skip = _float_modules(model, prefix)
+            if not config.distort:
+                q_inputs = inputs
+    skip = _float_modules(model, *quantized)
     keep = list(getattr(model, "_keep_in_fp32_modules", None) or [])
     if keep:  # resolved with transformers' own matching, as the quantizer applies them when reloading
         skip += [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and not should_convert_module(n, keep)]
@@ -447,8 +507,9 @@ def calibrate_mbq(
     return model
 
 
-def _search_layer(layer, inputs, weights, w_attn, w_mlp, w_spec, a_spec, config) -> dict[str, float]:
-    """Capture the layer's sub-module inputs / outputs, search the four groups' scales and fold them."""
+def _search_layer(layer, inputs, q_inputs, weights, w_attn, w_mlp, w_spec, a_spec, config) -> dict[str, float]:
+    """Capture the layer's sub-module outputs on ``inputs`` (the float model's) and inputs on ``q_inputs`` (the same
+    list, or the quantized previous layers' outputs with ``distort``), search the four groups' scales and fold them."""
     attn, mlp = layer.self_attn, layer.mlp
     cap: dict[str, list] = {k: [] for k in ("attn_in", "attn_out", "o_in", "o_out", "mlp_in", "mlp_out", "down_in",
                                             "down_out")}  # fmt: skip
@@ -459,21 +520,36 @@ def _search_layer(layer, inputs, weights, w_attn, w_mlp, w_spec, a_spec, config)
     def post(key):
         return lambda m, a, k, y: cap[key].append(_out(y))
 
-    hs = [
+    pres = [
         attn.register_forward_pre_hook(pre("attn_in"), with_kwargs=True),
-        attn.register_forward_hook(post("attn_out"), with_kwargs=True),
         attn.o_proj.register_forward_pre_hook(pre("o_in"), with_kwargs=True),
-        attn.o_proj.register_forward_hook(post("o_out"), with_kwargs=True),
         mlp.register_forward_pre_hook(pre("mlp_in"), with_kwargs=True),
-        mlp.register_forward_hook(post("mlp_out"), with_kwargs=True),
         mlp.down_proj.register_forward_pre_hook(pre("down_in"), with_kwargs=True),
+    ]
+    posts = [
+        attn.register_forward_hook(post("attn_out"), with_kwargs=True),
+        attn.o_proj.register_forward_hook(post("o_out"), with_kwargs=True),
+        mlp.register_forward_hook(post("mlp_out"), with_kwargs=True),
         mlp.down_proj.register_forward_hook(post("down_out"), with_kwargs=True),
     ]
     try:
-        for a, k in inputs:
+        if q_inputs is not inputs:  # outputs from the float inputs, then inputs from the quantized stream
+            for h in pres:
+                h.remove()
+            for a, k in inputs:
+                layer(*a, **k)
+            for h in posts:
+                h.remove()
+            pres = [
+                attn.register_forward_pre_hook(pre("attn_in"), with_kwargs=True),
+                attn.o_proj.register_forward_pre_hook(pre("o_in"), with_kwargs=True),
+                mlp.register_forward_pre_hook(pre("mlp_in"), with_kwargs=True),
+                mlp.down_proj.register_forward_pre_hook(pre("down_in"), with_kwargs=True),
+            ]
+        for a, k in q_inputs:
             layer(*a, **k)
     finally:
-        for h in hs:
+        for h in pres + posts:
             h.remove()
 
     def token_weights(w_vision):

@@ -173,6 +173,7 @@ def evaluate_vlm(
     batch_size: int = 32,
     max_new_tokens: int | None = None,
     return_predictions: bool = False,
+    return_logits: bool = False,
 ) -> dict[str, Any]:
     """Ask each of ``n_samples`` held-out images the three questions; exact-match accuracy of the greedy answers.
 
@@ -181,7 +182,9 @@ def evaluate_vlm(
     text (special tokens skipped, stripped) must equal the answer word. Returns ``shape_acc``, ``color_acc``,
     ``bg_acc``, ``all_acc`` (the mean over the three question types), ``loss`` (mean negative log-likelihood of the
     first answer token, at the last prompt position) and ``chance`` (1/3, 1/6, 1/6, 2/9). Deterministic for a
-    given ``seed`` (images from :func:`eval_items`).
+    given ``seed`` (images from :func:`eval_items`). ``return_logits`` adds ``answer_logits``: the float32 logits of
+    the first answer token, ``[3 * n_samples, vocab]`` in question-type order (compare two models with
+    :func:`effalg.core.metrics.kl_divergence`).
     """
     tok = processor.tokenizer
     if max_new_tokens is None:
@@ -196,6 +199,7 @@ def evaluate_vlm(
     correct = {q: 0 for q in QUESTION_TYPES}
     nll = 0.0
     preds: list[dict[str, str]] = [{} for _ in items]
+    first_logits: list[torch.Tensor] = []
     for q in QUESTION_TYPES:
         for s in range(0, len(items), batch_size):
             chunk = items[s : s + batch_size]
@@ -208,6 +212,7 @@ def evaluate_vlm(
             for step in range(max_new_tokens):
                 logits = model(**enc).logits[:, -1].float().cpu()
                 if step == 0:
+                    first_logits.append(logits)
                     nll += torch.nn.functional.cross_entropy(logits, first, reduction="sum").item()
                 nxt = logits.argmax(-1)
                 for i, t in enumerate(nxt.tolist()):
@@ -237,6 +242,8 @@ def evaluate_vlm(
     res["loss"] = loss
     res["ppl"] = math.exp(min(loss, 50.0))
     res["chance"] = {**{_KEYS[q]: CHANCE[q] for q in QUESTION_TYPES}, "all_acc": CHANCE["all"]}
+    if return_logits:
+        res["answer_logits"] = torch.cat(first_logits)
     if return_predictions:
         res["predictions"] = [{"label": lab, **p} for (lab, _), p in zip(items, preds)]
     return res
