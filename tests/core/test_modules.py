@@ -10,6 +10,7 @@ from effalg.core.modules import (
     W4A8Linear,
     W8A8Linear,
     WeightOnlyLinear,
+    WxA8Linear,
     memory_footprint,
     prepack_model_,
     unpack_model_,
@@ -499,3 +500,30 @@ def test_input_split_conv_is_sum_of_range_convs(bits):
     with pytest.raises(ValueError, match="split_sizes must be"):
         InputSplitConv2d(12, 8, 3, split_sizes=[5, 8])
     assert a.weight_bits == bits
+
+
+@pytest.mark.parametrize(
+    "cls, kw",
+    [
+        (W8A8Linear, {}),
+        (W4A8Linear, {"group_size": 8}),
+        (WeightOnlyLinear, {"bits": 3, "group_size": 16, "symmetric": False}),
+        (WxA8Linear, {"weight_bits": 2, "act_scale": 0.05, "act_zero": 3}),
+    ],
+)
+def test_from_float_in_row_blocks_equals_one_piece(cls, kw, monkeypatch):
+    """Large weights are quantized block of rows by block (bounded float32 temporaries): same tensors, bit for bit."""
+    import effalg.core.modules.linear as L
+    from effalg.core.quant.rotation import HadamardRotation
+
+    lin = _linear(64, 40)
+    extra = {"smooth_scale": torch.rand(64) + 0.5} if cls is not WxA8Linear else {}
+    if cls is W4A8Linear:
+        extra = {"input_transform": HadamardRotation(64, 16, seed=3)}
+    whole = cls.from_float(lin, **kw, **extra)
+    monkeypatch.setattr(L, "FROM_FLOAT_CHUNK_NUMEL", 64 * 7)  # 7-row blocks, the last one shorter
+    blocks = cls.from_float(lin, **kw, **extra)
+    a, b = whole.state_dict(), blocks.state_dict()
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k

@@ -237,3 +237,34 @@ def test_plain_save_pretrained_writes_model_card(w8a8_saved, tmp_path):
     reloaded = AutoModelForCausalLM.from_pretrained(out)
     with torch.no_grad():
         assert torch.equal(reloaded(IDS).logits, q(IDS).logits)
+
+
+@pytest.fixture(scope="module")
+def llama_width_ckpt(tmp_path_factory):
+    """Llama-7B widths (4096 / 11008), 1 layer, a 1024-token vocabulary, bf16, in 100 MB shards."""
+    from effalg.transformers.testing import llama_7b_shaped
+
+    return llama_7b_shaped(tmp_path_factory.mktemp("llama_width"), num_layers=1, vocab_size=1024,
+                           max_shard_size="100MB")[0]  # fmt: skip
+
+
+@pytest.mark.parametrize("config", ["EffalgLinearConfig(8, 8)", "EffalgLinearConfig(4, None, weight_group_size=128)"])
+def test_quantize_on_load_memory_is_bounded(llama_width_ckpt, config, monkeypatch):
+    """Default glibc settings, sharded checkpoint: anonymous memory peaks within 200 MiB of the quantized model and
+    drops back to it after the load."""
+    from effalg.core.testing.memory import measure_in_subprocess
+
+    for var in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_ARENA_MAX"):
+        monkeypatch.delenv(var, raising=False)
+    setup = """
+    import torch
+    from transformers import AutoModelForCausalLM
+    from effalg.transformers import EffalgLinearConfig
+    torch.set_num_threads(1)
+    """
+    code = (f"model = AutoModelForCausalLM.from_pretrained({llama_width_ckpt!r}, dtype=torch.bfloat16, "
+            f"quantization_config={config})")  # fmt: skip
+    r = measure_in_subprocess(code, setup)
+    assert r["model"] > 50, r  # W8A8: 193 MiB, W4 g128: 105 MiB
+    assert r["peak_over_model"] < 200, r
+    assert r["after_over_model"] < 48, r

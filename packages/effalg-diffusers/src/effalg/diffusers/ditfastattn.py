@@ -35,6 +35,7 @@ from diffusers.utils import logging
 from effalg.core.ditfastattn_plan import DiTFastAttnPlan, output_steps, residual_steps
 from effalg.core.plans import Plan, PlanError
 from effalg.kernels import band_attention
+from effalg.kernels.allocator import begin_bounded_allocations
 
 from .config import EffalgDiffusersConfig, EffalgQuantMethod
 from .quantizer import EffalgDiffusersQuantizer
@@ -659,6 +660,7 @@ class DiTFastAttnQuantizer(EffalgDiffusersQuantizer):
     def _process_model_before_weight_loading(self, model, device_map=None, keep_in_fp32_modules=None, **kwargs):
         model.register_to_config(quantization_config=self.quantization_config)
         self.converted, self._converted_names = [], frozenset()
+        begin_bounded_allocations()  # ended by the base class's _process_model_after_weight_loading
         return model
 
     def check_if_quantized_param(self, model, param_value, param_name: str, state_dict, **kwargs) -> bool:

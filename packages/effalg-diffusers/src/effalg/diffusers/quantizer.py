@@ -27,6 +27,7 @@ from diffusers.quantizers.base import DiffusersQuantizer
 from diffusers.utils import logging
 from effalg.core.config import get_handler
 from effalg.core.modules import QuantModuleBase, prepack_model_
+from effalg.kernels.allocator import begin_bounded_allocations, end_bounded_allocations
 
 from .config import EffalgDiffusersConfig
 
@@ -42,24 +43,24 @@ def _in_keep_fp32(name: str, keep_in_fp32_modules) -> bool:
 
 
 def _float_twin(layer: nn.Module, weight: torch.Tensor, device: torch.device) -> nn.Module | None:
-    """A real ``nn.Linear`` / ``nn.Conv2d`` like (meta) ``layer`` holding ``weight`` and ``layer``'s bias (zeros if
-    the bias is not loaded yet: it is loaded into the quantized module afterwards)."""
+    """A real ``nn.Linear`` / ``nn.Conv2d`` like (meta) ``layer`` holding ``weight`` itself (no copy) and ``layer``'s
+    bias (zeros if the bias is not loaded yet: it is loaded into the quantized module afterwards)."""
     if isinstance(layer, nn.Linear):
-        tmp = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device=device,
+        tmp = nn.Linear(layer.in_features, layer.out_features, bias=layer.bias is not None, device="meta",
                         dtype=weight.dtype)  # fmt: skip
     elif isinstance(layer, nn.Conv2d):
         tmp = nn.Conv2d(layer.in_channels, layer.out_channels, layer.kernel_size, layer.stride, layer.padding,
                         layer.dilation, layer.groups, bias=layer.bias is not None, padding_mode=layer.padding_mode,
-                        device=device, dtype=weight.dtype)  # fmt: skip
+                        device="meta", dtype=weight.dtype)  # fmt: skip
     else:
         return None
-    with torch.no_grad():
-        tmp.weight.copy_(weight)
-        if tmp.bias is not None:
-            if layer.bias.is_meta:
-                tmp.bias.zero_()
-            else:
-                tmp.bias.copy_(layer.bias)
+    if tuple(weight.shape) != tuple(tmp.weight.shape):
+        raise ValueError(f"effalg: weight of shape {tuple(weight.shape)} for a layer of weight shape "
+                         f"{tuple(tmp.weight.shape)}")  # fmt: skip
+    tmp.weight = nn.Parameter(weight.detach().to(device), requires_grad=False)
+    if tmp.bias is not None:
+        bias = torch.zeros(tmp.bias.shape, dtype=weight.dtype, device=device) if layer.bias.is_meta else layer.bias
+        tmp.bias = nn.Parameter(bias.detach().to(device=device, dtype=weight.dtype), requires_grad=False)
     return tmp
 
 
@@ -157,6 +158,7 @@ class EffalgDiffusersQuantizer(DiffusersQuantizer):
                 f"(modules_to_not_convert={self.modules_to_not_convert}, keep_in_fp32_modules={keep_in_fp32_modules})"
             )
         logger.info("%s: %d layer(s) of %s to quantize", cfg.method.value, len(self.converted), type(model).__name__)
+        begin_bounded_allocations()  # until _process_model_after_weight_loading: transient buffers leave no heap
         return model
 
     def update_missing_keys(self, model, missing_keys: list[str], prefix: str) -> list[str]:
@@ -217,6 +219,7 @@ class EffalgDiffusersQuantizer(DiffusersQuantizer):
         model.set_submodule(module_name, new)
 
     def _process_model_after_weight_loading(self, model, **kwargs):
+        end_bounded_allocations()
         left = [n for n in self.converted if not isinstance(model.get_submodule(n), QuantModuleBase)]
         if left:
             logger.warning(

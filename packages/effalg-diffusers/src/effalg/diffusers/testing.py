@@ -18,9 +18,11 @@ from torch import nn
 
 __all__ = [
     "FACTORIES",
+    "FULL_SIZE_CONFIGS",
     "calibration_kwargs",
     "denoiser_inputs",
     "inject_outlier_channels",
+    "make_full_size",
     "make_tiny_flux",
     "make_tiny_dit",
     "make_tiny_latte",
@@ -581,3 +583,62 @@ def run_pipeline(pipe, seed: int = 0) -> torch.Tensor:
     """Images (video pipelines: frames) of a deterministic tiny pipeline call (see :func:`pipeline_kwargs`)."""
     out = pipe(**pipeline_kwargs(pipe, seed))
     return out.frames if hasattr(out, "frames") else out.images
+
+
+# ---- full-size configurations (random weights; for memory tests and the real-size benchmark) -----------------------
+
+#: Published configurations of real denoisers: ``kind -> (diffusers class name, config, the layer-count keys)``.
+FULL_SIZE_CONFIGS: dict[str, tuple[str, dict[str, Any], tuple[str, ...]]] = {
+    "pixart_alpha": (  # PixArt-XL-2-1024-MS: 28 blocks, hidden 1152 (611 M parameters)
+        "PixArtTransformer2DModel",
+        dict(sample_size=128, num_layers=28, attention_head_dim=72, num_attention_heads=16, in_channels=4,
+             out_channels=8, patch_size=2, cross_attention_dim=1152, caption_channels=4096,
+             norm_type="ada_norm_single", norm_elementwise_affine=False, norm_eps=1e-6,
+             use_additional_conditions=True, attention_bias=True),  # fmt: skip
+        ("num_layers",),
+    ),
+    "sd15_unet": (  # stable-diffusion-v1-5's UNet (860 M parameters)
+        "UNet2DConditionModel",
+        dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2, block_out_channels=(320, 640, 1280, 1280),
+             down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "CrossAttnDownBlock2D", "DownBlock2D"),
+             up_block_types=("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+             cross_attention_dim=768, attention_head_dim=8),  # fmt: skip
+        (),
+    ),
+    "flux": (  # FLUX.1-dev: 19 double + 38 single blocks, hidden 3072 (11.9 B parameters)
+        "FluxTransformer2DModel",
+        dict(patch_size=1, in_channels=64, num_layers=19, num_single_layers=38, attention_head_dim=128,
+             num_attention_heads=24, joint_attention_dim=4096, pooled_projection_dim=768, guidance_embeds=True,
+             axes_dims_rope=(16, 56, 56)),  # fmt: skip
+        ("num_layers", "num_single_layers"),
+    ),
+}
+
+
+def make_full_size(
+    kind: str,
+    path: str | os.PathLike,
+    layers: int | tuple[int, ...] | None = None,
+    dtype: torch.dtype = torch.bfloat16,
+    max_shard_size: str = "5GB",
+    seed: int = 0,
+) -> tuple[str, int]:
+    """Save a denoiser of a published configuration (:data:`FULL_SIZE_CONFIGS`) with seeded random weights (the
+    class's own init) at ``path``, full width, in ``dtype``; ``layers`` overrides the block counts (one int per
+    layer-count key). Returns ``(path, number of parameters)``."""
+    import diffusers
+
+    if kind not in FULL_SIZE_CONFIGS:
+        raise ValueError(f"make_full_size: unknown kind {kind!r}; known: {sorted(FULL_SIZE_CONFIGS)}")
+    cls_name, config, keys = FULL_SIZE_CONFIGS[kind]
+    config = dict(config)
+    if layers is not None:
+        layers = (layers,) if isinstance(layers, int) else tuple(layers)
+        if len(layers) != len(keys):
+            raise ValueError(f"make_full_size: {kind} takes {len(keys)} layer count(s) {list(keys)}, got {layers}")
+        config.update(zip(keys, layers))
+    torch.manual_seed(seed)
+    model = getattr(diffusers, cls_name)(**config).to(dtype)
+    n = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(path, max_shard_size=max_shard_size)
+    return str(path), n

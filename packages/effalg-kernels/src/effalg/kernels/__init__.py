@@ -55,7 +55,7 @@ if _torch.cuda.is_available():  # Triton is imported only where it can run
 
     _register_triton()
 
-configure_allocator = _cpu.configure_allocator
+from .allocator import bounded_allocations, configure_allocator, release_memory  # noqa: E402
 
 __all__ = [
     "MAX_HADAMARD_BLOCK",
@@ -66,6 +66,7 @@ __all__ = [
     "WXA8_BITS",
     "band_attention",
     "band_decode_attention",
+    "bounded_allocations",
     "configure_allocator",
     "hadamard_block_size",
     "int8_scaled_mm",
@@ -76,6 +77,7 @@ __all__ = [
     "prepack_int8_weight",
     "prepack_weight_only",
     "quantize_per_token",
+    "release_memory",
     "smooth_hadamard",
     "unpack_bits",
     "unpack_int2_symmetric",

@@ -28,7 +28,6 @@ __all__ = [
     "prepack_int8_weight",
     "onednn_int8_available",
     "onednn_int8_exact",
-    "configure_allocator",
     "register",
     "hadamard_matrix",
     "smooth_hadamard_cpu",
@@ -63,30 +62,6 @@ def onednn_int8_exact() -> bool:
 def prepack_int8_weight(w: torch.Tensor) -> torch.Tensor:
     """oneDNN-prepacked layout (mkldnn ``int8[K, N]``, same bytes) of a plain ``int8[N, K]`` weight."""
     return torch.ops.onednn.qlinear_prepack(w.contiguous(), None)
-
-
-def configure_allocator(mmap_threshold: int = 1 << 30) -> bool:
-    """Opt-in: keep large CPU allocations on glibc's heap instead of fresh ``mmap`` pages.
-
-    Every op output of tens of MB otherwise costs a page fault per 4 KiB on first touch (measured here: an fp32
-    [2048, 4608] GEMM output 16 ms instead of 5 ms). This changes process-wide ``malloc`` settings (``mallopt``), like
-    the jemalloc/tcmalloc advice of other CPU inference stacks, so effalg never calls it by itself. Returns whether it
-    applied (glibc only).
-    """
-    import ctypes
-    import ctypes.util
-
-    name = ctypes.util.find_library("c")
-    if not name:
-        return False
-    try:
-        libc = ctypes.CDLL(name)
-        m_trim_threshold, m_mmap_threshold = -1, -3
-        return bool(libc.mallopt(m_mmap_threshold, int(mmap_threshold))) and bool(
-            libc.mallopt(m_trim_threshold, 2 * int(mmap_threshold))
-        )
-    except (OSError, AttributeError):
-        return False
 
 
 #: Inputs at least this large use the fused (inductor-generated, one read for the max and one for the codes)

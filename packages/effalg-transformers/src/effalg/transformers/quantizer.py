@@ -9,6 +9,7 @@ from torch import nn
 
 from effalg.core.config import get_handler
 from effalg.core.modules import QuantModuleBase
+from effalg.kernels.allocator import begin_bounded_allocations, end_bounded_allocations
 from transformers.core_model_loading import ConversionOps
 from transformers.quantizers import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name, should_convert_module
@@ -36,9 +37,8 @@ class EffalgQuantizeOp(ConversionOps):
         if missing_keys is not None:
             missing_keys.discard(name)  # the meta ``weight`` placeholder is consumed, not loaded
         target = model.get_submodule(prefix)
-        lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device=w.device)
-        with torch.no_grad():
-            lin.weight.copy_(w.detach().float())  # upcast bf16/fp16 before quantizing
+        lin = nn.Linear(w.shape[1], w.shape[0], bias=False, device="meta")
+        lin.weight = nn.Parameter(w.detach(), requires_grad=False)  # from_float upcasts block of rows by block
         q = self.hf_quantizer.handler(lin, self.hf_quantizer.core_config, prefix)
         if q is None or type(q) is not type(target):
             raise ValueError(f"effalg: could not quantize {prefix} as {type(target).__name__}")
@@ -103,6 +103,7 @@ class EffalgHfQuantizer(HfQuantizer):
             "effalg: converted %d linear layers with %s", len(self.converted), self.quantization_config.quant_method
         )
         model.config.quantization_config = self.quantization_config
+        begin_bounded_allocations()  # until _process_model_after_weight_loading: transient buffers leave no heap
 
     def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs: Any) -> bool:
         if self.pre_quantized:
@@ -114,6 +115,7 @@ class EffalgHfQuantizer(HfQuantizer):
         return EffalgQuantizeOp(self)
 
     def _process_model_after_weight_loading(self, model: nn.Module, **kwargs: Any) -> nn.Module:
+        end_bounded_allocations()
         for m in model.modules():
             if isinstance(m, QuantModuleBase) and "weight" in m._parameters:
                 del m._parameters["weight"]

@@ -16,6 +16,7 @@ __all__ = [
     "TINY_FACTORIES",
     "VISION_SKIP_PATTERNS",
     "inject_outlier_channels",
+    "llama_7b_shaped",
     "tiny_llama",
     "tiny_llava",
     "tiny_llava_next",
@@ -200,3 +201,23 @@ TINY_FACTORIES = {
     "llava_next": tiny_llava_next,
     "qwen2_vl": tiny_qwen2_vl,
 }
+
+
+def llama_7b_shaped(
+    path: str | os.PathLike,
+    num_layers: int = 2,
+    vocab_size: int = 32000,
+    dtype: torch.dtype = torch.bfloat16,
+    max_shard_size: str = "5GB",
+    seed: int = 0,
+) -> tuple[str, int]:
+    """Save a ``LlamaForCausalLM`` with Llama-2-7B's widths (hidden 4096, MLP 11008, 32 heads) and ``num_layers``
+    layers, seeded random weights, at ``path``; returns ``(path, number of parameters)``."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=num_layers, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=vocab_size)  # fmt: skip
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(cfg).to(dtype)
+    model.save_pretrained(path, max_shard_size=max_shard_size)
+    return str(path), sum(p.numel() for p in model.parameters())

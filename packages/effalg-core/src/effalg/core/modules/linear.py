@@ -34,7 +34,12 @@ from ._weight_only import WeightOnlyPrepackMixin
 from ._wxa8 import WXA8_FP32_BUFFERS, WxA8Mixin
 from .base import QuantModuleBase, _check_smooth_scale
 
-__all__ = ["QuantLinear", "W8A8Linear", "W4A8Linear", "WeightOnlyLinear", "WxA8Linear"]
+__all__ = ["QuantLinear", "W8A8Linear", "W4A8Linear", "WeightOnlyLinear", "WxA8Linear", "FROM_FLOAT_CHUNK_NUMEL"]
+
+#: ``from_float`` quantizes larger weights in blocks of output rows of about this many elements (16 MiB in float32),
+#: so a 4096 x 11008 layer never holds a full float32 copy; every weight format here is row-local (per output
+#: channel or per group along K), so the codes are the same as in one piece.
+FROM_FLOAT_CHUNK_NUMEL = 1 << 22
 
 
 def _check_dims(owner: str, in_features: Any, out_features: Any) -> None:
@@ -70,6 +75,8 @@ class QuantLinear(QuantModuleBase):
 
     weight_bits: ClassVar[int] = 8
     act_spec: ClassVar[QuantSpec | None] = None  # activation quantization done by the kernel (None = float)
+    #: The tensors ``_set_weight_from_float`` sets, output rows first (concatenated over row blocks).
+    _weight_tensor_names: ClassVar[tuple[str, ...]] = ("qweight", "weight_scale")
 
     def __init__(
         self,
@@ -99,23 +106,18 @@ class QuantLinear(QuantModuleBase):
     # ---- construction from a float layer -----------------------------------------------------------------------
     @classmethod
     def _prepare_float_weight(
-        cls, linear: nn.Linear, smooth_scale: torch.Tensor | None, input_transform: nn.Module | None
+        cls, w: torch.Tensor, smooth_scale: torch.Tensor | None, input_transform: nn.Module | None
     ) -> torch.Tensor:
-        if not isinstance(linear, nn.Linear):
-            raise TypeError(f"{cls.__name__}.from_float: linear must be an nn.Linear, got {type(linear).__name__}")
-        if linear.weight.is_meta:
-            raise ValueError(
-                f"{cls.__name__}.from_float: linear has meta weights; build {cls.__name__}(..., device='meta') "
-                "and load a quantized state dict instead"
-            )
-        w = linear.weight.detach().float()
+        """float32 rows of the weight as they are quantized (smoothed, transformed); row-local, so it may take any
+        block of rows."""
+        w = w.detach().float()
         if smooth_scale is not None:
-            s = _check_smooth_scale(smooth_scale, linear.in_features, f"{cls.__name__}.from_float")
-            w = w / s.to(device=w.device, dtype=torch.float32)[None, :]
+            w = w / smooth_scale.to(device=w.device, dtype=torch.float32)[None, :]
         if input_transform is not None:
+            shape = w.shape
             with torch.no_grad():
                 w = input_transform(w).float()
-            if w.shape != linear.weight.shape:
+            if w.shape != shape:
                 raise ValueError(
                     f"{cls.__name__}.from_float: input_transform changed the weight shape to {tuple(w.shape)}"
                 )
@@ -151,22 +153,39 @@ class QuantLinear(QuantModuleBase):
                 ``input_transform(W)``.
             **kwargs: subclass options (``group_size``, ``bits``, ``symmetric``, ``prepack``).
         """
-        w = cls._prepare_float_weight(linear, smooth_scale, input_transform)
-        mod = cls(
-            linear.in_features,
-            linear.out_features,
-            bias=linear.bias is not None,
-            device=linear.weight.device,
-            dtype=linear.weight.dtype,
-            **{k: v for k, v in kwargs.items() if k != "prepack"},
-        )
-        mod._set_weight_from_float(w)
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"{cls.__name__}.from_float: linear must be an nn.Linear, got {type(linear).__name__}")
+        if linear.weight.is_meta:
+            raise ValueError(
+                f"{cls.__name__}.from_float: linear has meta weights; build {cls.__name__}(..., device='meta') "
+                "and load a quantized state dict instead"
+            )
+        if smooth_scale is not None:
+            smooth_scale = _check_smooth_scale(smooth_scale, linear.in_features, f"{cls.__name__}.from_float")
+        options = {k: v for k, v in kwargs.items() if k != "prepack"}
+        n, k, weight = linear.out_features, linear.in_features, linear.weight
+        mod = cls(k, n, bias=linear.bias is not None, device=weight.device, dtype=weight.dtype, **options)
+        rows = max(1, FROM_FLOAT_CHUNK_NUMEL // k)
+        if rows >= n:
+            mod._set_weight_from_float(cls._prepare_float_weight(weight, smooth_scale, input_transform))
+        else:  # row blocks: the float32 copy and the quantizer's temporaries stay bounded (every format is row-local)
+            parts: dict[str, list[torch.Tensor]] = {}
+            for r0 in range(0, n, rows):
+                block = cls(k, min(rows, n - r0), bias=False, device="meta", dtype=weight.dtype, **options)
+                block._set_weight_from_float(cls._prepare_float_weight(weight[r0 : r0 + rows], smooth_scale,
+                                                                       input_transform))  # fmt: skip
+                for name in mod._weight_tensor_names:
+                    if getattr(block, name, None) is not None:
+                        parts.setdefault(name, []).append(getattr(block, name))
+            for name, ts in parts.items():
+                setattr(mod, name, torch.cat(ts))
         mod._finish_from_float(linear, smooth_scale, input_transform)
         if kwargs.get("prepack", True):
             mod.prepack_()
         return mod
 
     def _set_weight_from_float(self, w: torch.Tensor) -> None:  # pragma: no cover - abstract
+        """Set the tensors named in ``_weight_tensor_names`` (each with the output rows first) from float rows."""
         raise NotImplementedError
 
     def dequantize_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -326,6 +345,7 @@ class WeightOnlyLinear(WeightOnlyPrepackMixin, QuantLinear):
 
     act_spec: ClassVar[None] = None
     _ALLOWED_BITS: ClassVar[tuple[int, ...]] = (3, 4, 8)
+    _weight_tensor_names: ClassVar[tuple[str, ...]] = ("qweight", "weight_scale", "weight_zero")
 
     def __init__(
         self,
@@ -441,6 +461,7 @@ class WxA8Linear(WxA8Mixin, QuantLinear):
     (``act_scale``, ``act_zero``, folded into the epilogue through ``weight_rowsum``) or dynamic per token."""
 
     _fp32_buffers: ClassVar[tuple[str, ...]] = WXA8_FP32_BUFFERS
+    _weight_tensor_names: ClassVar[tuple[str, ...]] = ("qweight", "weight_scale", "weight_rowsum")
 
     def __init__(
         self,
