@@ -316,3 +316,16 @@ def test_quantize_on_load_memory_is_bounded(full_width_pixart, config, monkeypat
     assert r["model"] > 80  # the quantized model: 130 MiB at W8A8, 90 MiB at W4A8
     assert r["peak_over_model"] < 200, r
     assert r["after_over_model"] < 48, r
+
+
+def test_device_map_loads_equal_and_disk_offload_is_a_clear_error(tiny_pixart_alpha, tmp_path):
+    model = PixArtTransformer2DModel.from_pretrained(tiny_pixart_alpha, subfolder="transformer",
+                                                     quantization_config=EffalgLinearConfig(8, 8))  # fmt: skip
+    model.save_pretrained(tmp_path / "q")
+    ref = PixArtTransformer2DModel.from_pretrained(tmp_path / "q").eval()
+    on_cpu = PixArtTransformer2DModel.from_pretrained(tmp_path / "q", device_map={"": "cpu"}).eval()
+    with torch.no_grad():
+        assert torch.equal(T.run_denoiser(on_cpu), T.run_denoiser(ref))
+    device_map = {"": "cpu", "transformer_blocks.1": "disk"}
+    with pytest.raises(ValueError, match=r"'transformer_blocks.1' on 'disk'.*quantized layer 'transformer_blocks.1\."):
+        PixArtTransformer2DModel.from_pretrained(tmp_path / "q", device_map=device_map, offload_folder=tmp_path / "off")

@@ -268,3 +268,23 @@ def test_quantize_on_load_memory_is_bounded(llama_width_ckpt, config, monkeypatc
     assert r["model"] > 50, r  # W8A8: 193 MiB, W4 g128: 105 MiB
     assert r["peak_over_model"] < 200, r
     assert r["after_over_model"] < 48, r
+
+
+@pytest.mark.parametrize("offload_buffers", [False, True])
+def test_disk_offloaded_quantized_model_equals_in_memory(tiny_llama_ckpt, tmp_path, offload_buffers):
+    """accelerate device map with the decoder layers on disk: packed weights and scales move with their modules."""
+    from effalg.transformers.testing import tiny_text_inputs
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama_ckpt[0], quantization_config=EffalgLinearConfig(8, 8))
+    model.save_pretrained(tmp_path / "q")
+    ref = AutoModelForCausalLM.from_pretrained(tmp_path / "q").eval()
+    device_map = {"model.embed_tokens": "cpu", "model.layers": "disk", "model.norm": "cpu", "model.rotary_emb": "cpu",
+                  "lm_head": "cpu"}  # fmt: skip
+    off = AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map=device_map, offload_folder=tmp_path / "off",
+                                               offload_buffers=offload_buffers).eval()  # fmt: skip
+    q_proj = off.model.layers[0].self_attn.q_proj
+    assert isinstance(q_proj, W8A8Linear) and hasattr(q_proj, "_hf_hook") and q_proj._hf_hook.offload
+    assert off.model.layers[0].mlp.down_proj.weight_scale.device.type == ("meta" if offload_buffers else "cpu")
+    x = tiny_text_inputs()
+    with torch.no_grad():
+        assert torch.equal(off(x).logits, ref(x).logits)

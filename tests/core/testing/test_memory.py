@@ -31,3 +31,8 @@ def test_measures_peak_after_and_model_bytes():
 def test_child_errors_are_reported():
     with pytest.raises(RuntimeError, match="ZeroDivisionError"):
         measure_in_subprocess("model = 1 / 0")
+
+
+def test_after_code_fills_extra_outside_the_measured_section():
+    r = measure_in_subprocess("model = torch.nn.Linear(8, 8)", "import torch", after="extra['out'] = model.out_features")
+    assert r["extra"] == {"out": 8}

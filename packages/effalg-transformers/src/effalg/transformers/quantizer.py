@@ -51,6 +51,15 @@ class EffalgQuantizeOp(ConversionOps):
         return {f"{prefix}.{k}": v for k, v in state.items() if k in stored and k not in ("bias", "smooth_scale")}
 
 
+def _offloaded_prefixes(model: nn.Module) -> list[str]:
+    """Modules an accelerate device map offloads (``"disk"`` / ``"cpu"`` next to an accelerator): their tensors are
+    loaded at each forward by accelerate's hooks, so meta placeholders there are expected."""
+    device_map = getattr(model, "hf_device_map", None) or {}
+    devices = set(device_map.values())
+    offload = {"disk"} | ({"cpu"} if devices - {"cpu", "disk"} else set())
+    return [name for name, dev in device_map.items() if dev in offload]
+
+
 class EffalgHfQuantizer(HfQuantizer):
     """Base quantizer: swaps modules on the meta model with the effalg-core handler of ``config.to_core_config()``.
 
@@ -119,10 +128,11 @@ class EffalgHfQuantizer(HfQuantizer):
         for m in model.modules():
             if isinstance(m, QuantModuleBase) and "weight" in m._parameters:
                 del m._parameters["weight"]
+        offloaded = _offloaded_prefixes(model)
         missing = [
             f"{name}.{t}"
             for name, m in model.named_modules()
-            if isinstance(m, QuantModuleBase)
+            if isinstance(m, QuantModuleBase) and not any(name == p or name.startswith(p + ".") for p in offloaded)
             for t, v in list(m.named_buffers(recurse=False)) + list(m.named_parameters(recurse=False))
             if t != "bias" and (v.is_meta or not getattr(v, "_is_hf_initialized", False))
         ]

@@ -35,7 +35,10 @@ sys.stdin.readline()
 print("EFFALG_MEM_END", flush=True)
 sys.stdin.readline()
 gc.collect()
-print("EFFALG_MEM " + json.dumps({{"baseline": base, "after": rss_anon(), "model_bytes": model_bytes(model)}}), flush=True)
+rec = {{"baseline": base, "after": rss_anon(), "model_bytes": model_bytes(model)}}
+extra = {{}}
+{after}
+print("EFFALG_MEM " + json.dumps({{**rec, "extra": extra}}), flush=True)
 """
 
 
@@ -59,12 +62,18 @@ def model_bytes(model: Any) -> int:
 
 
 def measure_in_subprocess(
-    code: str, setup: str = "", env: dict[str, str] | None = None, interval: float = 0.005, timeout: float = 1800
-) -> dict[str, float]:
+    code: str,
+    setup: str = "",
+    after: str = "",
+    env: dict[str, str] | None = None,
+    interval: float = 0.005,
+    timeout: float = 1800,
+) -> dict[str, Any]:
     """Run ``setup`` then ``code`` in a fresh Python; returns MiB figures: ``baseline`` (after ``setup``), ``peak``
     and ``after`` (above the baseline), ``model`` (``model``'s bytes), ``peak_over_model`` / ``after_over_model``
-    (above baseline + model), and ``seconds`` (the wall time of ``code``)."""
-    src = _CHILD.format(setup=textwrap.dedent(setup), code=textwrap.dedent(code))
+    (above baseline + model), ``seconds`` (the wall time of ``code``), and ``extra``: the JSON-able dict ``after``
+    (code run once the memory is recorded, e.g. a timed forward) may fill."""
+    src = _CHILD.format(setup=textwrap.dedent(setup), code=textwrap.dedent(code), after=textwrap.dedent(after))
     child_env = {**os.environ, **(env or {})}
     errfile = tempfile.TemporaryFile(mode="w+")  # a pipe nobody reads could fill up and block the child
     proc = subprocess.Popen(
@@ -126,4 +135,5 @@ def measure_in_subprocess(
         "peak_over_model": (peak - base - model) / MiB,
         "after_over_model": (r["after"] - base - model) / MiB,
         "seconds": seconds,
+        "extra": r["extra"],
     }
