@@ -325,6 +325,17 @@ def test_reload_bit_identical(calibrated):
     assert torch.equal(run_with_bos(unet), run_with_bos(pipe.unet))
 
 
+def test_disk_offloaded_unet_equals_in_memory(calibrated, tmp_path):
+    """accelerate device map with the UNet's blocks on disk: packed weights, static qparams, split parts and BOS rows
+    move with their modules."""
+    pipe, d, _, _ = calibrated
+    top = {n: "cpu" for n, _ in pipe.unet.named_children()} | {"down_blocks": "disk", "up_blocks": "disk"}
+    off = UNet2DConditionModel.from_pretrained(d, subfolder="unet", device_map=top, offload_folder=tmp_path)
+    bos = next(m for m in off.up_blocks.modules() if isinstance(m, BOSAwareWxA8Linear))
+    assert bos.bos_output.is_meta and bos.qweight.is_meta  # reloaded from disk at each forward
+    assert torch.equal(run_with_bos(off, ref=pipe.unet), run_with_bos(pipe.unet))
+
+
 def test_reload_in_half_precision(calibrated):
     _, d, _, ref = calibrated
     pipe = _load(d, dtype=torch.bfloat16)

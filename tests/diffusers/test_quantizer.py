@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import effalg.diffusers
-from effalg.core.modules import W4A8Linear, W8A8Linear
+from effalg.core.modules import QuantModuleBase, W4A8Linear, W8A8Linear
 from effalg.diffusers import EffalgLinearConfig, EffalgLinearQuantizer, EffalgQuantMethod
 from effalg.diffusers import testing as T
 from effalg.diffusers._registry import check_diffusers_version, register_quantization_method
@@ -318,14 +318,35 @@ def test_quantize_on_load_memory_is_bounded(full_width_pixart, config, monkeypat
     assert r["after_over_model"] < 48, r
 
 
-def test_device_map_loads_equal_and_disk_offload_is_a_clear_error(tiny_pixart_alpha, tmp_path):
+@pytest.mark.parametrize("config", ["linear_w8a8", "vidit_q_w4a8"])
+def test_disk_offloaded_quantized_model_equals_in_memory(tiny_pixart_alpha, tmp_path, config):
+    """accelerate device map with transformer blocks on disk: packed weights and scales move with their modules."""
+    from effalg.diffusers import ViDiTQConfig
+
+    cfg = {"linear_w8a8": EffalgLinearConfig(8, 8), "vidit_q_w4a8": ViDiTQConfig(4, 8)}[config]
     model = PixArtTransformer2DModel.from_pretrained(tiny_pixart_alpha, subfolder="transformer",
-                                                     quantization_config=EffalgLinearConfig(8, 8))  # fmt: skip
+                                                     quantization_config=cfg)  # fmt: skip
     model.save_pretrained(tmp_path / "q")
     ref = PixArtTransformer2DModel.from_pretrained(tmp_path / "q").eval()
-    on_cpu = PixArtTransformer2DModel.from_pretrained(tmp_path / "q", device_map={"": "cpu"}).eval()
+    top = {n: "cpu" for n, _ in ref.named_children()} | {"scale_shift_table": "cpu", "transformer_blocks": "disk"}
+    off = PixArtTransformer2DModel.from_pretrained(tmp_path / "q", device_map=top, offload_folder=tmp_path / "off").eval()
+    on_disk = off.transformer_blocks[1].attn1.to_q
+    assert isinstance(on_disk, QuantModuleBase) and on_disk.qweight.is_meta  # reloaded from disk at each forward
+    assert any(f.startswith("transformer_blocks.1.attn1.to_q.qweight") for f in os.listdir(tmp_path / "off"))
+    in_memory = PixArtTransformer2DModel.from_pretrained(tmp_path / "q", device_map={"": "cpu"}).eval()
+    assert "qweight" in in_memory.transformer_blocks[0].attn1.to_q._buffers  # no offload: buffers, prepacked
+    auto = PixArtTransformer2DModel.from_pretrained(tmp_path / "q", device_map="auto", max_memory={"cpu": "20KB"},
+                                                    offload_folder=tmp_path / "off_auto").eval()  # fmt: skip
+    assert "disk" in set(auto.hf_device_map.values())
     with torch.no_grad():
-        assert torch.equal(T.run_denoiser(on_cpu), T.run_denoiser(ref))
-    device_map = {"": "cpu", "transformer_blocks.1": "disk"}
-    with pytest.raises(ValueError, match=r"'transformer_blocks.1' on 'disk'.*quantized layer 'transformer_blocks.1\."):
-        PixArtTransformer2DModel.from_pretrained(tmp_path / "q", device_map=device_map, offload_folder=tmp_path / "off")
+        want = T.run_denoiser(ref)
+        for m in (off, in_memory, auto):
+            assert torch.equal(T.run_denoiser(m), want)
+
+
+def test_quantize_on_load_to_disk_is_a_clear_error(tiny_pixart_alpha, tmp_path):
+    with pytest.raises(ValueError, match=r"'transformer_blocks' on 'disk'.*quantize first"):
+        PixArtTransformer2DModel.from_pretrained(tiny_pixart_alpha, subfolder="transformer",
+                                                 quantization_config=EffalgLinearConfig(8, 8),
+                                                 device_map={"": "cpu", "transformer_blocks": "disk"},
+                                                 offload_folder=tmp_path / "off")  # fmt: skip

@@ -284,7 +284,9 @@ def test_disk_offloaded_quantized_model_equals_in_memory(tiny_llama_ckpt, tmp_pa
                                                offload_buffers=offload_buffers).eval()  # fmt: skip
     q_proj = off.model.layers[0].self_attn.q_proj
     assert isinstance(q_proj, W8A8Linear) and hasattr(q_proj, "_hf_hook") and q_proj._hf_hook.offload
-    assert off.model.layers[0].mlp.down_proj.weight_scale.device.type == ("meta" if offload_buffers else "cpu")
+    assert off.model.layers[0].mlp.down_proj.qweight.is_meta  # on disk, reloaded at each forward
+    in_memory = AutoModelForCausalLM.from_pretrained(tmp_path / "q", device_map={"": "cpu"})
+    assert "qweight" in in_memory.model.layers[0].self_attn.q_proj._buffers  # no offload: buffers (prepackable)
     x = tiny_text_inputs()
     with torch.no_grad():
         assert torch.equal(off(x).logits, ref(x).logits)

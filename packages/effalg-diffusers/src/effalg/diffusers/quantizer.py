@@ -26,7 +26,7 @@ from torch import nn
 from diffusers.quantizers.base import DiffusersQuantizer
 from diffusers.utils import logging
 from effalg.core.config import get_handler
-from effalg.core.modules import QuantModuleBase, prepack_model_
+from effalg.core.modules import QuantModuleBase, buffers_to_parameters_, parameters_to_buffers_, prepack_model_
 from effalg.kernels.allocator import begin_bounded_allocations, end_bounded_allocations
 
 from .config import EffalgDiffusersConfig
@@ -65,8 +65,8 @@ def _float_twin(layer: nn.Module, weight: torch.Tensor, device: torch.device) ->
 
 
 def _check_no_disk_offload(method: str, device_map: Any, converted: list[str]) -> None:
-    """diffusers' dispatch does not reload offloaded buffers (no ``offload_buffers``), and effalg's packed tensors
-    are buffers: a quantized layer mapped to ``"disk"`` would fail inside accelerate. Say so first."""
+    """Quantizing a float checkpoint while loading needs each layer's weight in memory; diffusers writes the weights
+    of ``"disk"`` modules straight to the offload folder. Say so first."""
     if not isinstance(device_map, dict):
         return
     for key, dev in device_map.items():
@@ -76,11 +76,9 @@ def _check_no_disk_offload(method: str, device_map: Any, converted: list[str]) -
                    None)  # fmt: skip
         if hit is not None:
             raise ValueError(
-                f"{method}: device_map puts {key or 'the model'!r} on 'disk', which holds the quantized layer {hit!r}; "
-                "diffusers offloads without reloading module buffers, and effalg's packed tensors are buffers, so "
-                "disk offload of effalg-quantized layers is not supported in diffusers. Map the quantized layers to "
-                "a device (they are 2-4x smaller than bf16); transformers models support it "
-                "(from_pretrained(..., device_map=..., offload_folder=..., offload_buffers=True))."
+                f"{method}: device_map puts {key or 'the model'!r} on 'disk', which holds {hit!r}, a layer to quantize "
+                "while loading; quantize first (from_pretrained without device_map, then save_pretrained) and load "
+                "the quantized folder with the device_map"
             )
 
 
@@ -172,7 +170,11 @@ class EffalgDiffusersQuantizer(DiffusersQuantizer):
                 model.set_submodule(name, new)
             self.converted.append(name)
         self._converted_names = frozenset(self.converted)
-        _check_no_disk_offload(cfg.method.value, device_map, self.converted)
+        if not self.pre_quantized:
+            _check_no_disk_offload(cfg.method.value, device_map, self.converted)
+        elif device_map is not None:  # accelerate offloads parameters only: hold the packed tensors as parameters
+            for name in self.converted:
+                buffers_to_parameters_(model.get_submodule(name))
         if not self.converted:
             raise ValueError(
                 f"{cfg.method.value}: no quantizable layers in {type(model).__name__} "
@@ -248,6 +250,7 @@ class EffalgDiffusersQuantizer(DiffusersQuantizer):
                 self.quantization_config.method.value,
                 left,
             )
+        parameters_to_buffers_(model, keep_offloaded=True)  # buffers again where no offload hook reloads them
         prepack_model_(model)
         from .hub import install_save_hook
 

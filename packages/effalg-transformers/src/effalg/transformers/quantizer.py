@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from effalg.core.config import get_handler
-from effalg.core.modules import QuantModuleBase
+from effalg.core.modules import QuantModuleBase, buffers_to_parameters_, parameters_to_buffers_
 from effalg.kernels.allocator import begin_bounded_allocations, end_bounded_allocations
 from transformers.core_model_loading import ConversionOps
 from transformers.quantizers import HfQuantizer
@@ -112,6 +112,11 @@ class EffalgHfQuantizer(HfQuantizer):
             "effalg: converted %d linear layers with %s", len(self.converted), self.quantization_config.quant_method
         )
         model.config.quantization_config = self.quantization_config
+        if self.pre_quantized and kwargs.get("device_map") is not None:
+            # accelerate's offload hooks move parameters only (unless offload_buffers=True): hold the packed tensors
+            # as parameters so offloaded layers reload them; in-memory layers get buffers back after loading
+            for name in self.converted:
+                buffers_to_parameters_(model.get_submodule(name))
         begin_bounded_allocations()  # until _process_model_after_weight_loading: transient buffers leave no heap
 
     def param_needs_quantization(self, model: nn.Module, param_name: str, **kwargs: Any) -> bool:
@@ -141,6 +146,7 @@ class EffalgHfQuantizer(HfQuantizer):
                 f"effalg: {len(missing)} quantized tensor(s) missing from the checkpoint, e.g. {missing[:5]}; "
                 "the checkpoint does not match the quantization_config"
             )
+        parameters_to_buffers_(model, keep_offloaded=True)  # buffers again where no offload hook reloads them
         for m in model.modules():
             if isinstance(m, QuantModuleBase) and hasattr(m, "prepack_"):
                 if all(t.device.type == "cpu" for t in m.buffers(recurse=False)):

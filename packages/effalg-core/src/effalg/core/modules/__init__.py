@@ -1,6 +1,13 @@
 """Quantized modules holding packed integer weights (compute through ``effalg.kernels``)."""
 
-from .base import QuantModuleBase, memory_footprint, prepack_model_, unpack_model_
+from .base import (
+    QuantModuleBase,
+    buffers_to_parameters_,
+    memory_footprint,
+    parameters_to_buffers_,
+    prepack_model_,
+    unpack_model_,
+)
 from .bos import BOSAwareWxA8Linear
 from .conv import QuantConv2d, W8A8Conv2d, WxA8Conv2d
 from .linear import QuantLinear, W4A8Linear, W8A8Linear, WeightOnlyLinear, WxA8Linear
@@ -20,5 +27,7 @@ __all__ = [
     "InputSplitConv2d",
     "memory_footprint",
     "prepack_model_",
+    "buffers_to_parameters_",
+    "parameters_to_buffers_",
     "unpack_model_",
 ]

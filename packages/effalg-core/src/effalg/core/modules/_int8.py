@@ -31,7 +31,7 @@ class Int8PrepackMixin(PrepackMixin):
 
     def prepack_(self) -> Int8PrepackMixin:
         """Hold ``qweight`` in the CPU oneDNN-prepacked layout (no-op if already prepacked or not on CPU)."""
-        if self._prepacked or self.qweight.device.type != "cpu":
+        if self._prepacked or self.qweight.device.type != "cpu" or "qweight" in self._parameters:
             return self
         packed = _K.prepack_int8_weight(self.qweight)
         if packed is not self.qweight:  # the kernels return the input when no faster layout exists

@@ -44,7 +44,7 @@ class WeightOnlyPrepackMixin(PrepackMixin):
     def prepack_(self, layout: str | None = None):
         """Hold ``qweight`` in the CPU runtime layout :func:`effalg.kernels.weight_only_cpu_layout` picks (or
         ``layout``); no-op if already prepacked, not on CPU, or no faster layout exists for this weight here."""
-        if self._packed_layout is not None or self.qweight.device.type != "cpu":
+        if self._packed_layout is not None or self.qweight.device.type != "cpu" or "qweight" in self._parameters:
             return self
         if layout is None:
             layout = _K.weight_only_cpu_layout(self.bits, self.out_features, self.in_features, self.group_size)

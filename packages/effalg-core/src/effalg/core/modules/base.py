@@ -11,7 +11,14 @@ import effalg.kernels as _K
 
 from ..quant.rotation import HadamardRotation
 
-__all__ = ["QuantModuleBase", "memory_footprint", "prepack_model_", "unpack_model_"]
+__all__ = [
+    "QuantModuleBase",
+    "memory_footprint",
+    "prepack_model_",
+    "unpack_model_",
+    "buffers_to_parameters_",
+    "parameters_to_buffers_",
+]
 
 
 def _tensor_bytes(t: torch.Tensor) -> int:
@@ -38,6 +45,39 @@ def prepack_model_(model: nn.Module) -> nn.Module:
         if isinstance(m, QuantModuleBase):
             m.prepack_()
     return model
+
+
+def buffers_to_parameters_(module: nn.Module) -> nn.Module:
+    """Hold the persistent buffers of ``module`` and its submodules as frozen ``nn.Parameter`` s (same tensors, same
+    state-dict keys), for accelerate device maps: its offload hooks move and reload parameters only (buffers stay on
+    the execution device unless ``offload_buffers=True``, which diffusers does not pass). A quantized module in this
+    state skips ``prepack_`` (its runtime layout would not be a parameter); :func:`parameters_to_buffers_` undoes it."""
+    for m in module.modules():
+        names = [n for n, b in m._buffers.items() if b is not None and n not in m._non_persistent_buffers_set]
+        for n in names:
+            m.register_parameter(n, nn.Parameter(m._buffers.pop(n), requires_grad=False))
+        if names:
+            m._effalg_parameter_buffers = tuple(getattr(m, "_effalg_parameter_buffers", ())) + tuple(names)
+    return module
+
+
+def _offload_hooked(module: nn.Module) -> bool:
+    """Whether an accelerate hook offloads ``module``'s weights (reloading them at each forward)."""
+    hook = getattr(module, "_hf_hook", None)
+    return any(getattr(h, "offload", False) for h in getattr(hook, "hooks", (hook,)))
+
+
+def parameters_to_buffers_(module: nn.Module, keep_offloaded: bool = False) -> nn.Module:
+    """Inverse of :func:`buffers_to_parameters_` (for the modules it converted); with ``keep_offloaded``, modules an
+    accelerate hook offloads (and submodules of such) stay as they are."""
+    for m in module.modules():
+        if keep_offloaded and _offload_hooked(m):
+            continue
+        for n in getattr(m, "_effalg_parameter_buffers", ()):
+            p = m._parameters.pop(n)
+            m.register_buffer(n, p.data)
+        m.__dict__.pop("_effalg_parameter_buffers", None)
+    return module
 
 
 def unpack_model_(model: nn.Module) -> nn.Module:
