@@ -80,3 +80,24 @@ def test_bad_arguments(pixart, kw, match):
 def test_empty_prompts(pixart):
     with pytest.raises(ValueError, match="prompts must be a non-empty list"):
         ED.search_ditfastattn(pixart, [])
+
+
+def test_search_sharded_over_two_processes_gives_the_same_plan(tiny_pixart_alpha, tmp_path):
+    """torchrun with 2 CPU processes (gloo): each layer's candidates are split between them (accelerate) and the plan
+    equals the single-process greedy one."""
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from effalg.core.testing.launch import torchrun
+
+    script = Path(__file__).with_name("_launch_sharded_ditfastattn.py")
+    log = torchrun(script, tiny_pixart_alpha, tmp_path / "two.json", nproc=2)
+    assert "DiTFastAttn candidates: process 2/2 takes" in log
+    subprocess.run([sys.executable, str(script), str(tiny_pixart_alpha), str(tmp_path / "one.json")], check=True,
+                   capture_output=True)  # fmt: skip
+    two, one = (json.loads((tmp_path / f).read_text()) for f in ("two.json", "one.json"))
+    assert (two["processes"], one["processes"]) == (2, 1)
+    assert two["plan"] == one["plan"]
+    assert len({m for ms in one["plan"]["entries"].values() for m in ms}) > 1  # a real mix of methods

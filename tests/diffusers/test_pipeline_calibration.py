@@ -135,3 +135,27 @@ def test_sensitivity_custom_groups_and_restore(tiny_pixart_alpha):
     assert torch.equal(runner.latents("a cat", 0), ref)
     with pytest.raises(ValueError, match=r"no MetricGroup for group\(s\) \['quality'\]"):
         PC.layer_sensitivity(run, layer_groups, {"content": groups["content"]}, build, progress=False)
+
+
+def test_sensitivity_sweep_sharded_over_two_processes_gives_the_same_plan(tiny_pixart_alpha, tmp_path):
+    """torchrun with 2 CPU processes (gloo): the per-layer sweep is split between them (accelerate) and the plan equals
+    the single-process one, sensitivities included."""
+    import json
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from effalg.core.testing.launch import torchrun
+
+    script = Path(__file__).with_name("_launch_sharded_calibration.py")
+    log = torchrun(script, tiny_pixart_alpha, tmp_path / "two.json", nproc=2)
+    shares = re.findall(r"ViDiT-Q sensitivity: process (\d)/2 takes (\d+) of (\d+) items", log)
+    assert sorted(p for p, _, _ in shares) == ["1", "2"]  # each process measured its own share
+    assert sum(int(k) for _, k, _ in shares) == int(shares[0][2]) and all(int(k) > 0 for _, k, _ in shares)
+    subprocess.run([sys.executable, str(script), str(tiny_pixart_alpha), str(tmp_path / "one.json")], check=True,
+                   capture_output=True)  # fmt: skip
+    two, one = (json.loads((tmp_path / f).read_text()) for f in ("two.json", "one.json"))
+    assert (two["processes"], one["processes"]) == (2, 1)
+    assert two["plan"] == one["plan"]
+    assert two["calibration"] == one["calibration"]

@@ -191,3 +191,24 @@ def _searched_vs_uniform(model, tok, lm_tasks, evaluate_lm, density, density_len
         with moa_applied(model, p):
             scores[name] = evaluate_lm(model, tok, lengths=(1024,), n_seqs=16)["loss"]
     assert scores["searched"] <= scores["uniform"], scores
+
+
+def test_search_sharded_over_two_processes_gives_the_same_plan(tiny_qwen2_ckpt, tmp_path):
+    """torchrun with 2 CPU processes (gloo): profiling samples and validation candidates are split between them
+    (accelerate) and the plan equals the single-process one."""
+    import re
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from effalg.core.testing.launch import torchrun
+
+    script = Path(__file__).with_name("_launch_sharded_moa.py")
+    log = torchrun(script, tiny_qwen2_ckpt[0], tmp_path / "two.json", nproc=2)
+    shares = re.findall(r"MoA profile N=\d+: process (\d)/2 takes (\d+) of 4 items", log)
+    assert {p for p, _ in shares} == {"1", "2"} and all(k == "2" for _, k in shares)
+    subprocess.run([sys.executable, str(script), tiny_qwen2_ckpt[0], str(tmp_path / "one.json")], check=True,
+                   capture_output=True)  # fmt: skip
+    two, one = (json.loads((tmp_path / f).read_text()) for f in ("two.json", "one.json"))
+    assert (two["processes"], one["processes"]) == (2, 1)
+    assert two["plan"] == one["plan"]

@@ -72,6 +72,7 @@ _EXPORTS = {
     "cosine_similarity": "metrics",
     "mse": "metrics",
     "kl_divergence": "metrics",
+    "sharded_map": "distributed",
     "psnr": "metrics",
     "ssim": "metrics",
     # io

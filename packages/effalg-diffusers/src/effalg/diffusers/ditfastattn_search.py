@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.utils import logging
+from effalg.core.distributed import process_count, sharded_map
 from effalg.core.ditfastattn_plan import DiTFastAttnPlan
 
 from .ditfastattn import apply_ditfastattn, attention_layers, ditfastattn_runtime, remove_ditfastattn
@@ -108,17 +109,20 @@ class _SearchHook(ModelHook):
             rt.trial = True
             try:
                 ref = _tensor(forward(*args, **kwargs))
+                cands = [c for c in _CANDIDATES if self.cfg or not c.endswith("+asc")]
+                sharded = process_count() > 1
                 for i, name in enumerate(self.layers):
                     bound = self.threshold * (i + 1) / len(self.layers)
-                    chosen = "full"
-                    for cand in _CANDIDATES:
-                        if cand.endswith("+asc") and not self.cfg:
-                            continue
+
+                    def trial(cand, name=name):
                         rt.set_method(name, step, cand)
-                        loss = relative_l1(ref, _tensor(forward(*args, **kwargs)))
-                        if loss < bound:
-                            chosen = cand
-                            break
+                        return relative_l1(ref, _tensor(forward(*args, **kwargs)))
+
+                    if sharded:  # a launch: the candidates split across processes, the first one under the bound
+                        losses = sharded_map(trial, cands, desc="DiTFastAttn candidates", progress=False)
+                        chosen = next((c for c, loss in zip(cands, losses) if loss < bound), "full")
+                    else:  # one process: stop at the first candidate under the bound
+                        chosen = next((c for c in cands if trial(c) < bound), "full")
                     rt.set_method(name, step, chosen)
                     self.bar.update(1)
             finally:
@@ -161,6 +165,7 @@ def search_ditfastattn(
     num_inference_steps: int = 20,
     guidance_scale: float | None = None,
     seed: int = 0,
+    progress: bool = True,
     **call_kwargs: Any,
 ) -> DiTFastAttnPlan:
     """Search a DiTFastAttn plan for ``pipe``'s denoiser (see the module docstring).
@@ -172,6 +177,7 @@ def search_ditfastattn(
         window: tokens per side of window attention (default: an eighth of the image tokens, as in the paper).
         num_inference_steps, guidance_scale: the sampling setting the plan is for (guidance: the pipeline default).
         seed: seed of the calibration latents.
+        progress: the tqdm bar over steps x blocks.
         call_kwargs: further pipeline arguments (e.g. ``height``/``width``, ``use_resolution_binning=False``).
 
     Returns the plan; apply it with :func:`~effalg.diffusers.apply_ditfastattn`.
@@ -218,7 +224,8 @@ def search_ditfastattn(
     names = list(layers)
     plan = DiTFastAttnPlan.uniform(names, ["full"] * num_inference_steps, **metadata)
     registry = HookRegistry.check_if_exists_or_initialize(model)
-    bar = tqdm(total=max(num_inference_steps - 1, 0) * len(names), desc="DiTFastAttn search", unit="block")
+    bar = tqdm(total=max(num_inference_steps - 1, 0) * len(names), desc="DiTFastAttn search", unit="block",
+               disable=not progress)  # fmt: skip
     hook = _SearchHook(None, names, float(threshold), metadata["cfg"], bar)
     registry.register_hook(hook, _SEARCH_HOOK)  # inside the step hook: one step per pipeline step
     try:

@@ -433,24 +433,28 @@ def layer_sensitivity(
 ) -> dict[str, dict[Hashable, float]]:
     """``{layer: {candidate: error}}``: each layer of ``layer_groups`` (``{layer: group name}``) replaced alone by
     ``build(layer, candidate)`` for every candidate of its :class:`MetricGroup`, everything else float, scored by
-    the group's metric. The float layer is put back after each measurement (also on error)."""
-    from tqdm.auto import tqdm
+    the group's metric. The float layer is put back after each measurement (also on error). Under an accelerate /
+    torchrun launch the layers are split across the processes (:func:`effalg.core.distributed.sharded_map`)."""
+    from effalg.core.distributed import sharded_map
 
     model = run.runner.model
     unknown = sorted({g for g in layer_groups.values() if g not in groups})
     if unknown:
         raise ValueError(f"layer_sensitivity: no MetricGroup for group(s) {unknown}")
-    sens: dict[str, dict[Hashable, float]] = {}
+
+    def measure(name: str) -> dict[Hashable, float]:
+        group = groups[layer_groups[name]]
+        out = {}
+        for c in group.candidates:
+            with swap_layers(model, {name: build(name, c)}):
+                out[c] = group.metric.error(run, name)
+        return out
+
     with torch.no_grad(), _quiet(run.runner.pipe):
         for g in sorted(set(layer_groups.values())):
             groups[g].metric.prepare(run, [n for n, gn in layer_groups.items() if gn == g])
-        for name in tqdm(list(layer_groups), desc=desc, disable=not progress):
-            group = groups[layer_groups[name]]
-            sens[name] = {}
-            for c in group.candidates:
-                with swap_layers(model, {name: build(name, c)}):
-                    sens[name][c] = group.metric.error(run, name)
-    return sens
+        names = list(layer_groups)
+        return dict(zip(names, sharded_map(measure, names, desc=desc, progress=progress, unit="layer")))
 
 
 # ---- result ---------------------------------------------------------------------------------------------------------

@@ -37,6 +37,7 @@ from effalg.core.attention_search import (
     rule_costs,
     select_rules,
 )
+from effalg.core.distributed import sharded_map
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -261,24 +262,29 @@ def profile_attention_influence(
     groups = [set(range(i, min(nl, i + per))) for i in range(0, nl, per)]
     device = next(model.parameters()).device
     prof = _Profiler(nl, nkv, n, block_size)
+
+    def one(s: _Sample) -> torch.Tensor:  # this sample's influence sums (summed over samples in order below)
+        prof.sums = torch.zeros_like(prof.sums)
+        for active in groups:
+            prof.active = active
+            with torch.enable_grad():
+                logits = model(input_ids=s.input_ids[None].to(device), use_cache=False).logits
+                loss = _loss(logits, s)
+                if loss.requires_grad:
+                    loss.backward()
+            del logits, loss
+        return prof.sums
+
     with _profiling_mode(model):
         _ACTIVE_PROFILER = prof
-        try:
-            bar = tqdm(total=len(samples) * len(groups), desc=f"MoA profile N={n}", disable=not show_progress)
-            for s in samples:
-                for active in groups:
-                    prof.active = active
-                    with torch.enable_grad():
-                        logits = model(input_ids=s.input_ids[None].to(device), use_cache=False).logits
-                        loss = _loss(logits, s)
-                        if loss.requires_grad:
-                            loss.backward()
-                    del logits, loss
-                    bar.update(1)
-            bar.close()
+        try:  # samples split across the processes of an accelerate / torchrun launch, if any
+            per_sample = sharded_map(one, samples, desc=f"MoA profile N={n}", progress=show_progress, unit="sample")
         finally:
             _ACTIVE_PROFILER = None
-    return prof.sums / len(samples)
+    total = torch.zeros_like(prof.sums)
+    for t in per_sample:
+        total += t.to(total.device)
+    return total / len(samples)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -508,9 +514,12 @@ def search_moa(
     if eval_length is not None and len(candidates) > 1:
         data = eval_data if eval_data is not None else calibration
         ev = _samples_at(data, eval_length, tokenizer, num_eval_samples, "eval_data")
-        for c in tqdm(candidates, desc=f"MoA validate N={eval_length}", disable=not show_progress):
-            plan = _plan_from_choice(rules, c["selection"].choice, model, {})
-            c["eval_loss"] = _eval_loss(model, ev, plan)
+        losses = sharded_map(  # candidates split across the processes of a launch, if any
+            lambda c: _eval_loss(model, ev, _plan_from_choice(rules, c["selection"].choice, model, {})),
+            candidates, desc=f"MoA validate N={eval_length}", progress=show_progress, unit="plan",
+        )  # fmt: skip
+        for c, loss in zip(candidates, losses):
+            c["eval_loss"] = loss
         best = min(candidates, key=lambda c: c["eval_loss"])
     else:
         if eval_length is None:
