@@ -37,3 +37,16 @@ def test_configure_allocator_is_what_a_load_restores(calls):
 
 def test_release_memory_runs_on_this_machine():
     assert A.release_memory() is (A._libc() is not None)
+
+
+def test_transient_bytes_trim_the_heap_inside_a_bounded_section(calls, monkeypatch):
+    trims = []
+    monkeypatch.setattr(A, "_libc", lambda: type("L", (), {"malloc_trim": staticmethod(lambda pad: trims.append(pad))}))
+    monkeypatch.setattr(A, "_since_trim", 0)
+    A.account_transient(A.TRIM_EVERY_BYTES)  # outside a section: nothing
+    assert trims == []
+    with A.bounded_allocations():
+        A.account_transient(A.TRIM_EVERY_BYTES // 2)
+        assert trims == []
+        A.account_transient(A.TRIM_EVERY_BYTES // 2)
+        assert trims == [0]

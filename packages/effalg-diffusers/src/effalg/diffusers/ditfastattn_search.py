@@ -25,6 +25,7 @@ from diffusers.hooks import HookRegistry, ModelHook
 from diffusers.utils import logging
 from effalg.core.distributed import process_count, sharded_map
 from effalg.core.ditfastattn_plan import DiTFastAttnPlan
+from effalg.core.memory import reports_peak_memory
 
 from .ditfastattn import apply_ditfastattn, attention_layers, ditfastattn_runtime, remove_ditfastattn
 
@@ -157,6 +158,7 @@ def _guidance(pipe, kw) -> float | None:
 
 
 @torch.no_grad()
+@reports_peak_memory(logger, "DiTFastAttn search")
 def search_ditfastattn(
     pipe,
     prompts: Sequence[Any],

@@ -25,6 +25,7 @@ from torch import nn
 
 from diffusers.utils import logging
 from effalg.core.calibration import ActivationStatsCollector, CalibrationStats
+from effalg.core.memory import reports_peak_memory
 from effalg.core.modules import QuantModuleBase, prepack_model_
 
 from .quantizer import _in_keep_fp32
@@ -90,7 +91,7 @@ def calibrate(pipe, prompts: Sequence[str], config, **kwargs: Any):
     for klass in type(config).__mro__:
         fn = _CALIBRATORS.get(klass)
         if fn is not None:
-            return fn(pipe, prompts, config, **kwargs)
+            return reports_peak_memory(logger, f"{type(config).__name__} calibration")(fn)(pipe, prompts, config, **kwargs)
     names = [t.__name__ for t in _CALIBRATORS]
     raise TypeError(
         f"calibrate: config must be a {' or '.join(names) or '(none registered)'}, got {type(config).__name__}: no "

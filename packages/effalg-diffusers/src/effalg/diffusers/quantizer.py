@@ -27,7 +27,7 @@ from diffusers.quantizers.base import DiffusersQuantizer
 from diffusers.utils import logging
 from effalg.core.config import get_handler
 from effalg.core.modules import QuantModuleBase, buffers_to_parameters_, parameters_to_buffers_, prepack_model_
-from effalg.kernels.allocator import begin_bounded_allocations, end_bounded_allocations
+from effalg.kernels.allocator import account_transient, begin_bounded_allocations, end_bounded_allocations
 
 from .config import EffalgDiffusersConfig
 
@@ -240,6 +240,7 @@ class EffalgDiffusersQuantizer(DiffusersQuantizer):
                 f"{type(self).__name__}: {module_name} was selected for conversion but the handler declined it"
             )
         model.set_submodule(module_name, new)
+        account_transient(param_value.numel() * param_value.element_size())
 
     def _process_model_after_weight_loading(self, model, **kwargs):
         end_bounded_allocations()

@@ -35,6 +35,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from effalg.core.config import EffalgConfig, LinearQuantConfig, ModuleConfigMap, quantize_
+from effalg.core.memory import reports_peak_memory
 from effalg.core.quant.spec import Granularity, QuantSpec, fake_quantize
 from transformers.quantizers.quantizers_utils import should_convert_module
 from transformers.utils import logging
@@ -411,6 +412,7 @@ def _loss(ref: torch.Tensor, out: torch.Tensor, weight: torch.Tensor, kind: str)
     return float((per_token * weight).sum() / (weight > 0).sum().clamp_min(1))
 
 
+@reports_peak_memory(logger, "MBQ calibration")
 def calibrate_mbq(
     model: nn.Module, processor: Any, samples: Sequence[Mapping[str, Any]], config: MBQConfig, progress: bool = True
 ) -> nn.Module:

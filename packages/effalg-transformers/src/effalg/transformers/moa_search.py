@@ -38,6 +38,7 @@ from effalg.core.attention_search import (
     select_rules,
 )
 from effalg.core.distributed import sharded_map
+from effalg.core.memory import reports_peak_memory
 from transformers.utils import logging
 
 logger = logging.get_logger(__name__)
@@ -358,6 +359,7 @@ def _plan_from_choice(rules: Sequence[ElasticRule], choice, model, metadata) -> 
     return ElasticWindowPlan.from_rules(entries, model=info, metadata=metadata)
 
 
+@reports_peak_memory(logger, "MoA search")
 def search_moa(
     model: Any,
     tokenizer: Any = None,

@@ -9,7 +9,7 @@ from torch import nn
 
 from effalg.core.config import get_handler
 from effalg.core.modules import QuantModuleBase, buffers_to_parameters_, parameters_to_buffers_
-from effalg.kernels.allocator import begin_bounded_allocations, end_bounded_allocations
+from effalg.kernels.allocator import account_transient, begin_bounded_allocations, end_bounded_allocations
 from transformers.core_model_loading import ConversionOps
 from transformers.quantizers import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name, should_convert_module
@@ -44,6 +44,7 @@ class EffalgQuantizeOp(ConversionOps):
             raise ValueError(f"effalg: could not quantize {prefix} as {type(target).__name__}")
         if hasattr(q, "unpack_"):
             q.unpack_()
+        account_transient(w.numel() * w.element_size())
         state = q.state_dict()
         stored = {k for k, _ in target.named_buffers(recurse=False)} | {
             k for k, _ in target.named_parameters(recurse=False)

@@ -19,13 +19,15 @@ import threading
 import time
 from typing import Any
 
+from effalg.core.memory import rss_anon
+
 __all__ = ["rss_anon", "model_bytes", "measure_in_subprocess"]
 
 MiB = 1 << 20
 
 _CHILD = """
 import gc, json, sys
-from effalg.core.testing.memory import rss_anon, model_bytes
+from effalg.core.testing.memory import rss_anon, model_bytes  # noqa: F401
 {setup}
 gc.collect()
 base = rss_anon()
@@ -40,15 +42,6 @@ extra = {{}}
 {after}
 print("EFFALG_MEM " + json.dumps({{**rec, "extra": extra}}), flush=True)
 """
-
-
-def rss_anon(pid: int | str = "self") -> int:
-    """Anonymous resident memory of process ``pid`` in bytes (``RssAnon`` of ``/proc/<pid>/status``)."""
-    with open(f"/proc/{pid}/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError(f"rss_anon: no RssAnon line in /proc/{pid}/status (not Linux?)")
 
 
 def model_bytes(model: Any) -> int:
