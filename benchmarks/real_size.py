@@ -75,7 +75,8 @@ with torch.no_grad():
 """
 
 ROWS = {  # model: [(label, quantization_config expression or None)]
-    "pixart_alpha": [("bf16", None), ("ViDiT-Q W8A8", "ViDiTQConfig(8, 8)"), ("ViDiT-Q W4A8", "ViDiTQConfig(4, 8)")],
+    "pixart_alpha": [("bf16", None), ("ViDiT-Q W8A8", "ViDiTQConfig(8, 8)"), ("ViDiT-Q W4A8", "ViDiTQConfig(4, 8)"),
+                     ("effalg linear W8A8", "EffalgLinearConfig(8, 8)")],
     "sd15_unet": [("bf16", None), ("effalg linear W8A8", "EffalgLinearConfig(8, 8)")],
     "llama": [("bf16", None), ("effalg linear W8A8", "EffalgLinearConfig(8, 8)"),
               ("effalg linear W4 g128", "EffalgLinearConfig(4, None, weight_group_size=128)")],  # fmt: skip

@@ -73,6 +73,8 @@ _EXPORTS = {
     "mse": "metrics",
     "kl_divergence": "metrics",
     "sharded_map": "distributed",
+    "SolverSchedule": "solver_schedule",
+    "SolverStep": "solver_schedule",
     "psnr": "metrics",
     "ssim": "metrics",
     # io
