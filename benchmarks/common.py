@@ -6,6 +6,7 @@ Speed is reported as ratios between variants measured in the same run, never as 
 from __future__ import annotations
 
 import gc
+import json
 import statistics
 import time
 from collections.abc import Callable, Iterable
@@ -71,3 +72,12 @@ def machine_summary() -> str:
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, {platform.processor() or platform.machine()}, "
         f"mkldnn={torch.backends.mkldnn.is_available()}"
     )
+
+
+def report(title: str, table_text: str, result: object, json_path: str | None) -> None:
+    """Print ``title`` and the table; write ``result`` as JSON to ``json_path`` if given."""
+    print(f"\n{title}")
+    print(table_text)
+    if json_path:
+        with open(json_path, "w") as f:
+            json.dump(result, f, indent=1, default=str)

@@ -27,7 +27,7 @@ import os
 import sys
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import format_table  # noqa: E402
+from common import format_table, report  # noqa: E402
 
 DIFFUSERS_SETUP = """
 import time, torch
@@ -155,11 +155,8 @@ def main() -> None:
         ap.error(f"--only: unknown model(s) {unknown}; known: {sorted(ROWS)}")
     flux = tuple(int(x) for x in args.flux_blocks.split(","))
     rows = run(args.dir, only, args.llama_layers, flux)
-    print("\nReal-size quantize-on-load (random weights, bf16 checkpoints, default glibc settings):")
-    print(table(rows))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
+    report("Real-size quantize-on-load (random weights, bf16 checkpoints, default glibc settings):", table(rows), rows,
+           args.json)  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -2,8 +2,10 @@
 against diffusers' DPM-Solver++(2M), UniPC and Euler, each with its best timestep spacing, at NFE 4, 6 and 8.
 
 * Search: ``search_solver_schedule`` on ``--n-search`` calibration prompts (``eval_prompts(n, seed=777)``, not the
-  evaluation prompts), guidance 3.0, ``--max-evals`` scored schedules per NFE, scored by latent MSE against a
-  50-step DPM-Solver++(2M) reference.
+  evaluation prompts), guidance 3.0, ``--max-evals`` scored schedules per NFE, against a 50-step DPM-Solver++(2M)
+  reference of the same prompts and seeds; ``--metric latent`` scores latent MSE, ``--metric image`` (default) the
+  pixel MSE plus the Fréchet distance between the candidate's and the reference's checker features (a distribution
+  distance, as the paper scores by FID; computed against the reference images, never the evaluation set).
 * Evaluation (``effalg.core.eval.evaluate_t2i``, ``--n-eval`` held-out prompts, seed 0, guidance 3.0): Fréchet
   distance of the checker's features (lower is better), all-three accuracy, and PSNR of the images against the same
   prompts and seeds at 50 steps of the pipeline's own DPM-Solver++(2M).
@@ -25,7 +27,7 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import format_table  # noqa: E402
+from common import format_table, report  # noqa: E402
 
 
 def psnr(ref: torch.Tensor, x: torch.Tensor) -> float:
@@ -46,7 +48,15 @@ def baselines():
     }
 
 
-def run(nfes: list[int], n_eval: int, n_search: int, max_evals: int, progress: bool) -> dict:
+def image_metric(images: torch.Tensor, ref: torch.Tensor) -> float:
+    """Pixel MSE + Fréchet distance of the shapes checker's features, candidate vs reference images."""
+    from effalg.core.eval import shapes
+
+    feats = lambda xs: torch.stack([shapes.check_image(x.clamp(0, 1)).features for x in xs])  # noqa: E731
+    return float(((images - ref) ** 2).mean()) + shapes.frechet_distance(feats(images), feats(ref))
+
+
+def run(nfes: list[int], n_eval: int, n_search: int, max_evals: int, progress: bool, metric: str = "image") -> dict:
     from diffusers.utils import logging as dlogging
 
     from effalg.core.eval import evaluate_t2i, shapes
@@ -79,6 +89,7 @@ def run(nfes: list[int], n_eval: int, n_search: int, max_evals: int, progress: b
         pipe.scheduler = own
         t = time.perf_counter()
         sched = search_solver_schedule(pipe, calib, nfe, guidance_scale=g, max_evals=max_evals, progress=progress,
+                                       metric=image_metric if metric == "image" else None,
                                        use_resolution_binning=False, clean_caption=False)  # fmt: skip
         secs = time.perf_counter() - t
         schedules[nfe] = sched.to_dict()
@@ -103,7 +114,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--nfe", default="4,6,8")
     ap.add_argument("--n-eval", type=int, default=96)
-    ap.add_argument("--n-search", type=int, default=16)
+    ap.add_argument("--n-search", type=int, default=32)
+    ap.add_argument("--metric", choices=["image", "latent"], default="image")
     ap.add_argument("--max-evals", type=int, default=300)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
@@ -112,12 +124,9 @@ def main() -> None:
     warnings.filterwarnings("ignore")
     torch.set_num_threads(args.threads)
     result = run([int(x) for x in args.nfe.split(",")], args.n_eval, args.n_search, args.max_evals,
-                 not args.no_progress)  # fmt: skip
-    print(f"\nUSF on tiny-pixart-shapes: {args.n_eval} held-out prompts, guidance 3.0")
-    print(table(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+                 not args.no_progress, args.metric)  # fmt: skip
+    report(f"USF on tiny-pixart-shapes: {args.n_eval} held-out prompts, guidance 3.0, search metric {args.metric}",
+           table(result), result, args.json)  # fmt: skip
 
 
 if __name__ == "__main__":

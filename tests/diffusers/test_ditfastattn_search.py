@@ -92,10 +92,10 @@ def test_search_sharded_over_two_processes_gives_the_same_plan(tiny_pixart_alpha
 
     from effalg.core.testing.launch import torchrun
 
-    script = Path(__file__).with_name("_launch_sharded_ditfastattn.py")
-    log = torchrun(script, tiny_pixart_alpha, tmp_path / "two.json", nproc=2)
+    script = Path(__file__).with_name("_launch_sharded.py")
+    log = torchrun(script, "ditfastattn", tiny_pixart_alpha, tmp_path / "two.json", nproc=2)
     assert "DiTFastAttn candidates: process 2/2 takes" in log
-    subprocess.run([sys.executable, str(script), str(tiny_pixart_alpha), str(tmp_path / "one.json")], check=True,
+    subprocess.run([sys.executable, str(script), "ditfastattn", str(tiny_pixart_alpha), str(tmp_path / "one.json")], check=True,
                    capture_output=True)  # fmt: skip
     two, one = (json.loads((tmp_path / f).read_text()) for f in ("two.json", "one.json"))
     assert (two["processes"], one["processes"]) == (2, 1)

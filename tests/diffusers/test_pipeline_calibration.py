@@ -148,12 +148,12 @@ def test_sensitivity_sweep_sharded_over_two_processes_gives_the_same_plan(tiny_p
 
     from effalg.core.testing.launch import torchrun
 
-    script = Path(__file__).with_name("_launch_sharded_calibration.py")
-    log = torchrun(script, tiny_pixart_alpha, tmp_path / "two.json", nproc=2)
+    script = Path(__file__).with_name("_launch_sharded.py")
+    log = torchrun(script, "vidit_q", tiny_pixart_alpha, tmp_path / "two.json", nproc=2)
     shares = re.findall(r"ViDiT-Q sensitivity: process (\d)/2 takes (\d+) of (\d+) items", log)
     assert sorted(p for p, _, _ in shares) == ["1", "2"]  # each process measured its own share
     assert sum(int(k) for _, k, _ in shares) == int(shares[0][2]) and all(int(k) > 0 for _, k, _ in shares)
-    subprocess.run([sys.executable, str(script), str(tiny_pixart_alpha), str(tmp_path / "one.json")], check=True,
+    subprocess.run([sys.executable, str(script), "vidit_q", str(tiny_pixart_alpha), str(tmp_path / "one.json")], check=True,
                    capture_output=True)  # fmt: skip
     two, one = (json.loads((tmp_path / f).read_text()) for f in ("two.json", "one.json"))
     assert (two["processes"], one["processes"]) == (2, 1)
