@@ -9,6 +9,7 @@ ICLR 2024: evolutionary search over per-step solver recipes, with a performance 
    type, corrector, first-derivative relaxation, history points, final time) into ``children`` candidates; a ridge
    regression on the schedules' features, fit to every score so far, ranks them; only the ``evaluate_top`` best
    predicted are run and scored. Stops after ``max_evals`` scored schedules or ``time_limit`` seconds (tqdm bar).
+   Under an accelerate / torchrun launch each batch of schedules is scored across the processes.
 
 Score (lower is better), on the same prompts, seeds and guidance scale as the reference: by default the mean squared
 error of the final latents; ``metric(images, reference_images)`` scores decoded images instead (``output_type="pt"``),
@@ -28,6 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusers.utils import logging
+from effalg.core.distributed import sharded_map
 from effalg.core.memory import reports_peak_memory
 from effalg.core.solver_schedule import SolverSchedule, SolverStep
 
@@ -212,24 +214,25 @@ def search_solver_schedule(
         scored: dict[str, tuple[float, SolverSchedule, str]] = {}
         bar = tqdm(total=max_evals, desc=f"USF search NFE={nfe}", unit="schedule", disable=not progress)
 
-        def score(s: SolverSchedule, origin: str) -> None:
-            k = _key(s)
-            if k in scored:
-                return
-            out = run(s, nfe)
-            err = float(((out - ref) ** 2).mean()) if metric is None else float(metric(out, ref))
-            scored[k] = (err if math.isfinite(err) else math.inf, s, origin)
-            bar.update(1)
-            best = min(v[0] for v in scored.values())
-            bar.set_postfix(best=f"{best:.3e}")
+        def score(batch: list[tuple[SolverSchedule, str]]) -> None:
+            """Score new schedules (split across the processes of an accelerate / torchrun launch, if any)."""
+            batch = [(c, o) for c, o in batch if _key(c) not in scored][: max_evals - len(scored)]
+
+            def error(c: SolverSchedule) -> float:
+                out = run(c, nfe)
+                err = float(((out - ref) ** 2).mean()) if metric is None else float(metric(out, ref))
+                return err if math.isfinite(err) else math.inf
+
+            for (c, origin), err in zip(batch, sharded_map(error, [c for c, _ in batch], progress=False)):
+                scored[_key(c)] = (err, c, origin)
+                bar.update(1)
+            if scored:
+                bar.set_postfix(best=f"{min(v[0] for v in scored.values()):.3e}")
 
         def out_of_budget() -> bool:
             return len(scored) >= max_evals or (time_limit is not None and time.monotonic() - start > time_limit)
 
-        for name, s in seed_schedules(base, nfe).items():
-            if out_of_budget():
-                break
-            score(s, name)
+        score([(s, name) for name, s in seed_schedules(base, nfe).items()])
         rng = random.Random(seed)
         top = float(base.config.num_train_timesteps - 1)
         model = _Ridge()
@@ -249,10 +252,7 @@ def search_solver_schedule(
                 break
             cands = list(pool.values())
             pred = model.predict([_features(c, top) for c in cands])
-            for _, c in sorted(zip(pred, cands), key=lambda pc: pc[0])[:evaluate_top]:
-                if out_of_budget():
-                    break
-                score(c, "search")
+            score([(c, "search") for _, c in sorted(zip(pred, cands), key=lambda pc: pc[0])[:evaluate_top]])
         bar.close()
     finally:
         pipe.scheduler = original
