@@ -162,7 +162,12 @@ def pixart_parts(args):
 
     tok = build_shapes_tokenizer()
     torch.manual_seed(args.seed + 2)
-    te = build_text_encoder(len(tok))
+    if args.companion_of:  # a smaller denoiser for the same text encoder (loaded, frozen) and VAE: OMS-DPM's zoo
+        from transformers import T5EncoderModel
+
+        te = T5EncoderModel.from_pretrained(Path(args.companion_of) / "text_encoder").eval().requires_grad_(False)
+    else:
+        te = build_text_encoder(len(tok))
     tr = build_transformer(args)
 
     def forward(zt, t, caps):
@@ -180,7 +185,7 @@ def pixart_parts(args):
     def pipeline(vae, scheduler):
         return PixArtAlphaPipeline(tokenizer=tok, text_encoder=te, vae=vae, transformer=tr, scheduler=scheduler)
 
-    return (tr, te), forward, pipeline, "transformer"
+    return ((tr,) if args.companion_of else (tr, te)), forward, pipeline, "transformer"
 
 
 def sd_parts(args):
@@ -268,6 +273,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--eval-prompts", type=int, default=48)
+    p.add_argument("--companion-of", default=None,
+                   help="pixart: train only a (smaller) transformer for this pipeline's frozen text encoder and VAE")
     args = p.parse_args()
     for k, v in DEFAULTS[args.arch].items():
         if getattr(args, k) is None and v is not None:
@@ -278,7 +285,7 @@ def main() -> None:
     t0 = time.time()
     out_dir = Path(args.out)
     # paths in the log relative to the repo (the committed metrics.json must not name this machine's folders)
-    log: dict = {"args": {k: _shown(v) if k in ("out", "vae") else v for k, v in vars(args).items()}}
+    log: dict = {"args": {k: _shown(v) if k in ("out", "vae", "companion_of") else v for k, v in vars(args).items()}}
 
     # ---- phase 1: VAE (trained, or loaded with --vae) ----
     if args.vae:

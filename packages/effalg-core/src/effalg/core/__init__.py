@@ -75,6 +75,7 @@ _EXPORTS = {
     "sharded_map": "distributed",
     "SolverSchedule": "solver_schedule",
     "SolverStep": "solver_schedule",
+    "ModelSchedule": "model_schedule",
     "psnr": "metrics",
     "ssim": "metrics",
     # io

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from diffusers.utils import logging
 from effalg.core.distributed import sharded_map
 from effalg.core.memory import reports_peak_memory
+from effalg.core.schedule_search import predictor_guided_search
 from effalg.core.solver_schedule import SolverSchedule, SolverStep
 
 from .usf import USFScheduler
@@ -97,20 +98,6 @@ def _features(s: SolverSchedule, top: float) -> list[float]:
               st.relaxation if isinstance(st.relaxation, float) else 0.0,
               float(isinstance(st.relaxation, str))]  # fmt: skip
     return f
-
-
-class _Ridge:
-    def __init__(self, alpha: float = 1e-2) -> None:
-        self.alpha, self.w = alpha, None
-
-    def fit(self, x: list[list[float]], y: list[float]) -> None:
-        a = torch.tensor(x, dtype=torch.float64)
-        b = torch.tensor(y, dtype=torch.float64)
-        reg = self.alpha * torch.eye(a.shape[1], dtype=torch.float64)
-        self.w = torch.linalg.solve(a.T @ a + reg, a.T @ b)
-
-    def predict(self, x: list[list[float]]) -> list[float]:
-        return (torch.tensor(x, dtype=torch.float64) @ self.w).tolist()
 
 
 def _mutate(s: SolverSchedule, rng: random.Random, sched: USFScheduler) -> SolverSchedule | None:
@@ -209,54 +196,33 @@ def search_solver_schedule(
         return (out.images if hasattr(out, "images") else out[0]).float()
 
     start = time.monotonic()
+    top = float(base.config.num_train_timesteps - 1)
     try:
         ref = run(None, reference_steps)
-        scored: dict[str, tuple[float, SolverSchedule, str]] = {}
         bar = tqdm(total=max_evals, desc=f"USF search NFE={nfe}", unit="schedule", disable=not progress)
 
-        def score(batch: list[tuple[SolverSchedule, str]]) -> None:
-            """Score new schedules (split across the processes of an accelerate / torchrun launch, if any)."""
-            batch = [(c, o) for c, o in batch if _key(c) not in scored][: max_evals - len(scored)]
+        def error(c: SolverSchedule) -> float:
+            out = run(c, nfe)
+            return float(((out - ref) ** 2).mean()) if metric is None else float(metric(out, ref))
 
-            def error(c: SolverSchedule) -> float:
-                out = run(c, nfe)
-                err = float(((out - ref) ** 2).mean()) if metric is None else float(metric(out, ref))
-                return err if math.isfinite(err) else math.inf
+        def on_scored(n: int, best: float) -> None:
+            bar.update(n)
+            bar.set_postfix(best=f"{best:.3e}")
 
-            for (c, origin), err in zip(batch, sharded_map(error, [c for c, _ in batch], progress=False)):
-                scored[_key(c)] = (err, c, origin)
-                bar.update(1)
-            if scored:
-                bar.set_postfix(best=f"{min(v[0] for v in scored.values()):.3e}")
-
-        def out_of_budget() -> bool:
-            return len(scored) >= max_evals or (time_limit is not None and time.monotonic() - start > time_limit)
-
-        score([(s, name) for name, s in seed_schedules(base, nfe).items()])
-        rng = random.Random(seed)
-        top = float(base.config.num_train_timesteps - 1)
-        model = _Ridge()
-        while not out_of_budget():
-            ranked = sorted(scored.values(), key=lambda v: v[0])
-            finite = [v for v in ranked if math.isfinite(v[0])]
-            model.fit([_features(v[1], top) for v in finite], [math.log(v[0] + 1e-20) for v in finite])
-            parents = [v[1] for v in finite[: max(4, len(finite) // 5)]]
-            pool: dict[str, SolverSchedule] = {}
-            for _ in range(children * 4):
-                c = _mutate(rng.choice(parents), rng, base)
-                if c is not None and _key(c) not in scored:
-                    pool[_key(c)] = c
-                if len(pool) >= children:
-                    break
-            if not pool:
-                break
-            cands = list(pool.values())
-            pred = model.predict([_features(c, top) for c in cands])
-            score([(c, "search") for _, c in sorted(zip(pred, cands), key=lambda pc: pc[0])[:evaluate_top]])
+        results = predictor_guided_search(
+            [(s, name) for name, s in seed_schedules(base, nfe).items()],
+            lambda batch: sharded_map(error, batch, progress=False),  # split across a launch's processes, if any
+            lambda c, rng: _mutate(c, rng, base),
+            lambda c: _features(c, top),
+            _key,
+            max_evals=max_evals, children=children, evaluate_top=evaluate_top, seed=seed, on_scored=on_scored,
+            out_of_time=lambda: time_limit is not None and time.monotonic() - start > time_limit,
+        )  # fmt: skip
         bar.close()
     finally:
         pipe.scheduler = original
         pipe._progress_bar_config = progress_cfg
+    scored = {_key(c): (e, c, o) for e, c, o in results}
     err, best, origin = min(scored.values(), key=lambda v: v[0])
     seeds = {v[2]: v[0] for v in scored.values() if v[2] != "search"}
     best_seed = min(seeds.items(), key=lambda kv: kv[1]) if seeds else (None, None)

@@ -1,0 +1,251 @@
+"""OMS-DPM model schedules as a diffusers component: ``ModelScheduleRouter`` is one denoiser that routes each step to
+a member of a model zoo, and ``search_model_schedule`` searches the route under a measured time budget.
+
+    router = ModelScheduleRouter.from_members({"large": pipe.transformer, "small": small}, schedule)
+    pipe.transformer = router          # the pipeline sees a normal denoiser (the reference member's config)
+    pipe.save_pretrained(dir)          # transformer/ holds the zoo and the schedule
+    pipe = DiffusionPipeline.from_pretrained(dir)   # after ``import effalg.diffusers``
+
+Routing keys on the timestep value: the schedule records the timesteps of the steps it was searched for, so separate
+CFG calls at one step use one member, and a run with another step count is a clear error.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import statistics
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+import diffusers
+from diffusers import ModelMixin  # noqa: F401  (diffusers loads components through this module attribute)
+from diffusers.configuration_utils import ConfigMixin, register_to_config
+from diffusers.utils import logging
+from effalg.core.distributed import sharded_map
+from effalg.core.memory import reports_peak_memory
+from effalg.core.model_schedule import ModelSchedule
+from effalg.core.schedule_search import predictor_guided_search
+
+__all__ = ["ModelScheduleRouter", "search_model_schedule"]
+
+logger = logging.get_logger(__name__)
+
+#: Config keys that must agree between zoo members (same latent space, same conditioning).
+_SHARED_KEYS = ("in_channels", "out_channels", "sample_size", "patch_size", "caption_channels", "cross_attention_dim",
+                "joint_attention_dim", "pooled_projection_dim", "num_embeds_ada_norm", "use_additional_conditions")  # fmt: skip
+_OWN_KEYS = ("members", "schedule", "reference")
+
+
+def _check_zoo(zoo: Mapping[str, nn.Module]) -> None:
+    if not zoo:
+        raise ValueError("ModelScheduleRouter: the zoo is empty")
+    names = list(zoo)
+    ref = zoo[names[0]]
+    for name in names[1:]:
+        m = zoo[name]
+        for k in _SHARED_KEYS:
+            a, b = getattr(ref.config, k, None), getattr(m.config, k, None)
+            if a != b:
+                raise ValueError(
+                    f"ModelScheduleRouter: zoo members must share the latent space and the conditioning: "
+                    f"{names[0]!r} has {k}={a!r}, {name!r} has {k}={b!r}"
+                )
+
+
+class ModelScheduleRouter(ModelMixin, ConfigMixin):
+    """One denoiser over a zoo: each model call runs the member the :class:`~effalg.core.ModelSchedule` names for
+    that step. Its config is the reference (first) member's, plus ``members`` (class and config of each),
+    ``schedule`` and ``reference``."""
+
+    @register_to_config
+    def __init__(self, members: dict | None = None, schedule: dict | None = None, reference: str | None = None) -> None:
+        super().__init__()
+        if not members or schedule is None:
+            raise ValueError("ModelScheduleRouter: members and schedule are required (use from_members)")
+        self.schedule = ModelSchedule.from_dict(schedule)
+        missing = sorted(set(self.schedule.members) - set(members))
+        if missing:
+            raise ValueError(f"ModelScheduleRouter: the schedule names member(s) {missing} the zoo lacks")
+        zoo = {}
+        for name, spec in members.items():
+            cls = getattr(diffusers, spec["class"], None)
+            if cls is None:
+                raise ValueError(f"ModelScheduleRouter: member {name!r} has unknown class {spec['class']!r}")
+            zoo[name] = cls.from_config(spec["config"])
+        _check_zoo(zoo)
+        self.zoo = nn.ModuleDict(zoo)
+        self._timesteps = self.schedule.metadata.get("timesteps")
+        reference = reference or next(iter(members))
+        # pipelines read the denoiser's config (in_channels, sample_size, ...): the reference member's
+        self.register_to_config(**{k: v for k, v in members[reference]["config"].items() if k not in _OWN_KEYS})
+
+    @classmethod
+    def from_members(cls, zoo: Mapping[str, nn.Module], schedule: ModelSchedule | dict) -> ModelScheduleRouter:
+        """A router holding the given (loaded) members; the first is the reference whose config pipelines read."""
+        _check_zoo(zoo)
+        schedule = ModelSchedule.from_dict(schedule)
+        spec = {n: {"class": type(m).__name__, "config": {k: v for k, v in dict(m.config).items()
+                                                            if not k.startswith("_")}} for n, m in zoo.items()}  # fmt: skip
+        with torch.device("meta"):
+            router = cls(members=spec, schedule=schedule.to_dict(), reference=next(iter(zoo)))
+        router.zoo = nn.ModuleDict(dict(zoo))
+        return router
+
+    def member_for(self, timestep: Any) -> str:
+        """The member that runs at ``timestep`` (one of the schedule's recorded timesteps)."""
+        t = float(timestep.flatten()[0]) if isinstance(timestep, torch.Tensor) else float(timestep)
+        ts = self._timesteps
+        if ts is None:
+            raise ValueError("ModelScheduleRouter: the schedule records no timesteps (metadata['timesteps'])")
+        for i, s in enumerate(ts):
+            if abs(s - t) <= 1e-3 * max(1.0, abs(s)):
+                return self.schedule.route[i]
+        raise ValueError(
+            f"ModelScheduleRouter: timestep {t:g} is not one of the {len(ts)} steps the schedule was searched for "
+            f"({[round(x, 3) for x in ts]}); run the pipeline with num_inference_steps={len(ts)} and the same "
+            "scheduler, or search a schedule for this step count"
+        )
+
+    def forward(self, hidden_states: torch.Tensor, *args: Any, timestep: Any = None, **kwargs: Any) -> Any:
+        if timestep is None:
+            raise ValueError("ModelScheduleRouter: the call has no timestep= to route on")
+        return self.zoo[self.member_for(timestep)](hidden_states, *args, timestep=timestep, **kwargs)
+
+
+# ---- search ---------------------------------------------------------------------------------------------------------
+def _route_features(route: tuple[str, ...], names: list[str]) -> list[float]:
+    f = [1.0]
+    for m in route:
+        f += [float(m == n) for n in names[1:]]
+    return f
+
+
+@reports_peak_memory(logger, "OMS-DPM search")
+@torch.no_grad()
+def search_model_schedule(
+    zoo: Mapping[str, nn.Module],
+    pipe: Any,
+    prompts: Sequence[str],
+    steps: int,
+    time_budget: float,
+    *,
+    guidance_scale: float | None = None,
+    reference_steps: int = 50,
+    max_evals: int = 80,
+    children: int = 48,
+    evaluate_top: int = 4,
+    seed: int = 0,
+    metric: Callable[[torch.Tensor, torch.Tensor], float] | None = None,
+    progress: bool = True,
+    **call_kwargs: Any,
+) -> ModelSchedule:
+    """Search which zoo member runs at each of ``steps`` steps of ``pipe`` (its scheduler unchanged).
+
+    Args:
+        zoo: ``{name: denoiser}``; members share the latent space and the conditioning. The slowest member is the
+            reference: ``reference_steps`` steps of it on ``prompts`` (seed ``seed``) are the quality target.
+        pipe: the pipeline (its denoiser is swapped for a router while searching, then restored).
+        time_budget: the route's measured time as a fraction of the slowest member alone (``0 < b <= 1``).
+        max_evals, children, evaluate_top: as in :func:`~effalg.diffusers.search_solver_schedule`.
+        metric: ``metric(images, reference_images)`` on decoded images; None: latent MSE.
+
+    Each member is timed as it runs in the pipeline (median seconds per call over one run of ``steps``); a route's
+    cost is the sum over its steps. Returns the best route within the budget as a :class:`~effalg.core.ModelSchedule`
+    (members, route, latencies, the step timesteps, budget and score in its metadata).
+    """
+    names = list(zoo)
+    _check_zoo(zoo)
+    if not 0 < float(time_budget) <= 1:
+        raise ValueError(f"search_model_schedule: time_budget must be in (0, 1] (a fraction), got {time_budget!r}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"search_model_schedule: steps must be a positive int, got {steps!r}")
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise ValueError("search_model_schedule: prompts is empty")
+    attr = "transformer" if getattr(pipe, "transformer", None) is not None else "unet"
+    original = getattr(pipe, attr)
+    kw = dict(call_kwargs, output_type="latent" if metric is None else "pt")
+    if guidance_scale is not None:
+        kw["guidance_scale"] = guidance_scale
+    pipe.scheduler.set_timesteps(steps)
+    timesteps = [float(t) for t in pipe.scheduler.timesteps]
+    progress_cfg = dict(getattr(pipe, "_progress_bar_config", {}))
+    pipe.set_progress_bar_config(disable=True)
+
+    def run(route: Sequence[str], n: int, times: list[float]) -> torch.Tensor:
+        sched = ModelSchedule(names, list(route), metadata={"timesteps": times})
+        setattr(pipe, attr, ModelScheduleRouter.from_members(zoo, sched))
+        out = pipe(prompts, num_inference_steps=n, generator=torch.Generator("cpu").manual_seed(seed), **kw)
+        return (out.images if hasattr(out, "images") else out[0]).float()
+
+    try:
+        latency = {}
+        for name in names:  # timed as it runs: per-call wall time inside the pipeline
+            calls: list[float] = []
+            member = zoo[name]
+            pre = member.register_forward_pre_hook(lambda *a: calls.append(-time.perf_counter()))
+            post = member.register_forward_hook(lambda *a: calls.append(calls.pop() + time.perf_counter()))
+            try:
+                run([name] * steps, steps, timesteps)
+            finally:
+                pre.remove()
+                post.remove()
+            latency[name] = statistics.median(calls)
+        slowest = max(names, key=lambda n: latency[n])
+        budget = float(time_budget) * latency[slowest] * steps
+        pipe.scheduler.set_timesteps(reference_steps)
+        ref = run([slowest] * reference_steps, reference_steps, [float(t) for t in pipe.scheduler.timesteps])
+        cost = lambda r: sum(latency[m] for m in r)  # noqa: E731
+        bar = tqdm(total=max_evals, desc=f"OMS-DPM search steps={steps}", unit="route", disable=not progress)
+
+        def error(route: tuple[str, ...]) -> float:
+            if cost(route) > budget * (1 + 1e-9):
+                return math.inf
+            out = run(route, steps, timesteps)
+            return float(((out - ref) ** 2).mean()) if metric is None else float(metric(out, ref))
+
+        def mutate(route: tuple[str, ...], rng: random.Random) -> tuple[str, ...] | None:
+            r = list(route)
+            for _ in range(rng.randint(1, 2)):
+                r[rng.randrange(steps)] = rng.choice(names)
+            return tuple(r) if cost(r) <= budget * (1 + 1e-9) else None
+
+        seeds = []
+        for name in names:
+            if latency[name] * steps <= budget * (1 + 1e-9):
+                seeds.append(((name,) * steps, f"{name} alone"))
+        fast = min(names, key=lambda n: latency[n])
+        for k in range(1, steps):  # the slowest member on the first / the last k steps, the fastest elsewhere
+            for r in ((slowest,) * k + (fast,) * (steps - k), (fast,) * (steps - k) + (slowest,) * k):
+                if cost(r) <= budget * (1 + 1e-9):
+                    seeds.append((r, f"{slowest} x{k}"))
+
+        def on_scored(n: int, best: float) -> None:
+            bar.update(n)
+            bar.set_postfix(best=f"{best:.3e}")
+
+        results = predictor_guided_search(
+            seeds, lambda batch: sharded_map(error, batch, progress=False), mutate,
+            lambda r: _route_features(r, names), lambda r: r,
+            max_evals=max_evals, children=children, evaluate_top=evaluate_top, seed=seed, on_scored=on_scored,
+        )  # fmt: skip
+        bar.close()
+    finally:
+        setattr(pipe, attr, original)
+        pipe._progress_bar_config = progress_cfg
+    if not results:
+        raise ValueError(f"search_model_schedule: no route fits time_budget={time_budget} (latencies {latency})")
+    err, route, origin = min(results, key=lambda v: v[0])
+    return ModelSchedule(
+        names, list(route), latency,
+        {"timesteps": timesteps, "steps": steps, "time_budget": float(time_budget), "cost_s": cost(route),
+         "budget_s": budget, "score": {"metric": "latent_mse_vs_reference" if metric is None else "custom",
+                                       "value": err, "reference": f"{slowest} x{reference_steps}"},
+         "search": {"evaluated": len(results), "origin": origin}},
+    )  # fmt: skip
