@@ -30,9 +30,9 @@ from .ditfastattn import (  # noqa: E402
 )
 from .ditfastattn_search import search_ditfastattn  # noqa: E402
 from .mixdq import MixDQConfig, MixDQQuantizer, load_mixdq_bit_maps  # noqa: E402  (registers MixDQ's calibration)
+from .model_schedule import ModelScheduleRouter, search_model_schedule  # noqa: E402
 from .pipeline_calibration import calibrate, register_calibrator  # noqa: E402
 from .quantizer import EffalgDiffusersQuantizer, EffalgLinearQuantizer  # noqa: E402
-from .model_schedule import ModelScheduleRouter, search_model_schedule  # noqa: E402
 from .usf import USFScheduler  # noqa: E402
 from .usf_search import search_solver_schedule  # noqa: E402
 from .vidit_q import ViDiTQConfig, ViDiTQQuantizer  # noqa: E402  (registers ViDiT-Q's calibration)

@@ -189,8 +189,8 @@ def search_model_schedule(
         for name in names:  # timed as it runs: per-call wall time inside the pipeline
             calls: list[float] = []
             member = zoo[name]
-            pre = member.register_forward_pre_hook(lambda *a: calls.append(-time.perf_counter()))
-            post = member.register_forward_hook(lambda *a: calls.append(calls.pop() + time.perf_counter()))
+            pre = member.register_forward_pre_hook(lambda *a, c=calls: c.append(-time.perf_counter()))
+            post = member.register_forward_hook(lambda *a, c=calls: c.append(c.pop() + time.perf_counter()))
             try:
                 run([name] * steps, steps, timesteps)
             finally:
