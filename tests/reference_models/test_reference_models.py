@@ -65,6 +65,21 @@ def test_t2i_scores_and_3bit_damage():
     assert w3["all_acc"] < fp["all_acc"] - 0.15
 
 
+@pytest.mark.skipif(not _have(T2I_NAME + "-small"), reason="small companion not trained")
+def test_t2i_small_companion_shares_vae_text_encoder_and_latent_space():
+    """OMS-DPM's zoo: the companion has the large model's VAE and text encoder (identical weights) and interface."""
+    from effalg.diffusers.reference_models import load_reference_t2i
+
+    large, small = load_reference_t2i(ROOT / T2I_NAME), load_reference_t2i(ROOT / (T2I_NAME + "-small"))
+    for part in ("vae", "text_encoder"):
+        for a, b in zip(getattr(large, part).state_dict().values(), getattr(small, part).state_dict().values()):
+            assert torch.equal(a, b)
+    lc, sc = large.transformer.config, small.transformer.config
+    assert sc.num_layers < lc.num_layers and (sc.in_channels, sc.caption_channels) == (lc.in_channels, lc.caption_channels)
+    res = evaluate_t2i(small, n_prompts=24, num_inference_steps=8, seed=0, n_real=256)
+    assert res["color_acc"] > 0.5 and res["bg_acc"] > 0.5  # well above chance (1/6)
+
+
 @pytest.mark.skipif(not _have(SD_T2I_NAME), reason="reference SD pipeline not trained")
 def test_sd_loads_plain_with_unet_and_causal_clip():
     from diffusers import DiffusionPipeline, StableDiffusionPipeline, UNet2DConditionModel
