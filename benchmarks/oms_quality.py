@@ -7,7 +7,7 @@
 * Evaluation (``effalg.core.eval.evaluate_t2i``, ``--n-eval`` held-out prompts): Fréchet distance, all-three
   accuracy, and the measured seconds of the whole evaluation run (median of ``--reps``).
 
-    python benchmarks/oms_quality.py [--steps 6] [--budgets 0.5,0.65,0.8] [--n-eval 96] [--json out.json]
+    python benchmarks/oms_quality.py [--steps 6] [--budgets 0.7,0.8,0.9] [--n-eval 96] [--json out.json]
 """
 
 from __future__ import annotations
@@ -85,7 +85,7 @@ def table(result: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--steps", type=int, default=6)
-    ap.add_argument("--budgets", default="0.5,0.65,0.8")
+    ap.add_argument("--budgets", default="0.7,0.8,0.9")
     ap.add_argument("--n-eval", type=int, default=96)
     ap.add_argument("--n-search", type=int, default=32)
     ap.add_argument("--max-evals", type=int, default=60)

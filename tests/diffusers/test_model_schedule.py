@@ -88,6 +88,8 @@ def test_errors(zoo_pipe):
     text = PixArtTransformer2DModel.from_config({**cfg, "caption_channels": 16})
     with pytest.raises(ValueError, match=r"caption_channels"):
         ED.search_model_schedule({"large": zoo["large"], "t": text}, pipe, ["a"], steps=2, time_budget=0.5)
+    with pytest.raises(ValueError, match=r"time_budget=0.01 is below the fastest member alone"):
+        ED.search_model_schedule(zoo, pipe, ["a"], steps=2, time_budget=0.01, **T.calibration_kwargs(pipe))
     with pytest.raises(ValueError, match=r"time_budget must be in \(0, 1\]"):
         ED.search_model_schedule(zoo, pipe, ["a"], steps=2, time_budget=1.5)
     with pytest.raises(ValueError, match=r"route names unknown member\(s\) \['tiny'\]"):

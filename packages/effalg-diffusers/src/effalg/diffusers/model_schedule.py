@@ -199,6 +199,12 @@ def search_model_schedule(
             latency[name] = statistics.median(calls)
         slowest = max(names, key=lambda n: latency[n])
         budget = float(time_budget) * latency[slowest] * steps
+        floor = min(latency.values()) / latency[slowest]
+        if float(time_budget) < floor:
+            raise ValueError(
+                f"search_model_schedule: time_budget={time_budget} is below the fastest member alone ({floor:.2f} of "
+                f"the slowest, measured: {', '.join(f'{n} {latency[n] * 1e3:.2f} ms' for n in names)} per call)"
+            )
         pipe.scheduler.set_timesteps(reference_steps)
         ref = run([slowest] * reference_steps, reference_steps, [float(t) for t in pipe.scheduler.timesteps])
         cost = lambda r: sum(latency[m] for m in r)  # noqa: E731
