@@ -3,7 +3,7 @@ against diffusers' DPM-Solver++(2M), UniPC and Euler, each with its best timeste
 
 * Search: ``search_solver_schedule`` on ``--n-search`` calibration prompts (``eval_prompts(n, seed=777)``, not the
   evaluation prompts), guidance 3.0, ``--max-evals`` scored schedules per NFE, against a 50-step DPM-Solver++(2M)
-  reference of the same prompts and seeds; ``--metric latent`` scores latent MSE, ``--metric image`` (default) the
+  reference of the same prompts and seeds; ``--metric latent`` (default) scores latent MSE, ``--metric image`` the
   pixel MSE plus the Fréchet distance between the candidate's and the reference's checker features (a distribution
   distance, as the paper scores by FID; computed against the reference images, never the evaluation set).
 * Evaluation (``effalg.core.eval.evaluate_t2i``, ``--n-eval`` held-out prompts, seed 0, guidance 3.0): Fréchet
@@ -115,7 +115,7 @@ def main() -> None:
     ap.add_argument("--nfe", default="4,6,8")
     ap.add_argument("--n-eval", type=int, default=96)
     ap.add_argument("--n-search", type=int, default=32)
-    ap.add_argument("--metric", choices=["image", "latent"], default="image")
+    ap.add_argument("--metric", choices=["image", "latent"], default="latent")
     ap.add_argument("--max-evals", type=int, default=300)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--json", default=None)
