@@ -11,6 +11,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from .solver_schedule import from_kinded_dict
+
 __all__ = ["ModelSchedule", "MODEL_SCHEDULE_KIND"]
 
 MODEL_SCHEDULE_KIND = "oms_model_schedule"
@@ -66,15 +68,4 @@ class ModelSchedule:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> ModelSchedule:
-        if isinstance(data, ModelSchedule):
-            return data
-        if not isinstance(data, Mapping):
-            raise TypeError(f"ModelSchedule.from_dict: expected a dict, got {type(data).__name__}")
-        d = dict(data)
-        kind = d.pop("kind", MODEL_SCHEDULE_KIND)
-        if kind != MODEL_SCHEDULE_KIND:
-            raise ValueError(f"ModelSchedule.from_dict: kind must be {MODEL_SCHEDULE_KIND!r}, got {kind!r}")
-        unknown = sorted(set(d) - {"members", "route", "latency", "metadata", "version"})
-        if unknown:
-            raise ValueError(f"ModelSchedule.from_dict: unknown key(s) {unknown}")
-        return cls(**d)
+        return from_kinded_dict(cls, data, MODEL_SCHEDULE_KIND)

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import Any
 
 import torch
@@ -139,18 +139,7 @@ class SolverSchedule:
 
     @classmethod
     def from_dict(cls, data: Mapping[str, Any]) -> SolverSchedule:
-        if isinstance(data, SolverSchedule):
-            return data
-        if not isinstance(data, Mapping):
-            raise TypeError(f"SolverSchedule.from_dict: expected a dict, got {type(data).__name__}")
-        d = dict(data)
-        kind = d.pop("kind", SCHEDULE_KIND)
-        if kind != SCHEDULE_KIND:
-            raise ValueError(f"SolverSchedule.from_dict: kind must be {SCHEDULE_KIND!r}, got {kind!r}")
-        unknown = sorted(set(d) - {"timesteps", "steps", "metadata", "version"})
-        if unknown:
-            raise ValueError(f"SolverSchedule.from_dict: unknown key(s) {unknown}")
-        return cls(**d)
+        return from_kinded_dict(cls, data, SCHEDULE_KIND)
 
     # ---- hand-made solvers as schedules (the baselines, and the search's seeds) ----------------------------------
     @classmethod
@@ -178,6 +167,23 @@ class SolverSchedule:
             o = 1 if timesteps[-1] == -1 and i == n - 1 else min(order, i + 1)
             steps.append(SolverStep(o, prediction, corrector=i < n - 1))
         return cls(list(timesteps), steps, metadata)
+
+
+def from_kinded_dict(cls: type, data: Any, kind: str) -> Any:
+    """``cls(**data)`` for a schedule dataclass saved with ``{"kind": kind, ...}``: an instance passes through;
+    another kind or a key that is not a field is a ``ValueError`` naming it."""
+    if isinstance(data, cls):
+        return data
+    if not isinstance(data, Mapping):
+        raise TypeError(f"{cls.__name__}.from_dict: expected a dict, got {type(data).__name__}")
+    d = dict(data)
+    got = d.pop("kind", kind)
+    if got != kind:
+        raise ValueError(f"{cls.__name__}.from_dict: kind must be {kind!r}, got {got!r}")
+    unknown = sorted(set(d) - {f.name for f in fields(cls)})
+    if unknown:
+        raise ValueError(f"{cls.__name__}.from_dict: unknown key(s) {unknown}")
+    return cls(**d)
 
 
 # ---- the math ------------------------------------------------------------------------------------------------------
