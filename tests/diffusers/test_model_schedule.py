@@ -96,3 +96,29 @@ def test_errors(zoo_pipe):
         ModelSchedule(["large"], ["tiny"])
     with pytest.raises(ValueError, match=r"unknown key\(s\) \['zoo_order'\]"):
         ModelSchedule.from_dict({"members": ["a"], "route": ["a"], "zoo_order": [0]})
+
+
+@pytest.mark.parametrize("what", ["usf", "oms"])
+def test_schedule_searches_sharded_over_two_processes(tiny_pixart_alpha, tmp_path, what):
+    """torchrun with 2 CPU processes (gloo): candidates are scored across both; both processes end with the same
+    schedule (OMS: on the main process's measured latencies); USF's equals the single-process one."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from effalg.core.testing.launch import torchrun
+
+    script = Path(__file__).with_name("_launch_sharded.py")
+    log = torchrun(script, what, tiny_pixart_alpha, tmp_path / "two.json", nproc=2)
+    assert "process 2/2 takes" in log
+    r0, r1 = (json.loads((tmp_path / f"two.json.{r}").read_text()) for r in (0, 1))
+
+    def strip(plan):  # the search's wall time differs between runs and processes
+        plan["metadata"].get("search", {}).pop("seconds", None)
+        return plan
+
+    assert strip(r0["plan"]) == strip(r1["plan"]) and r0["processes"] == 2
+    if what == "usf":
+        subprocess.run([sys.executable, str(script), what, str(tiny_pixart_alpha), str(tmp_path / "one.json")],
+                       check=True, capture_output=True)  # fmt: skip
+        assert strip(json.loads((tmp_path / "one.json").read_text())["plan"]) == r0["plan"]

@@ -22,7 +22,7 @@ from typing import Any, TypeVar
 
 from tqdm.auto import tqdm
 
-__all__ = ["sharded_map", "process_count", "is_main_process"]
+__all__ = ["sharded_map", "process_count", "is_main_process", "from_main_process"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,6 +53,19 @@ def process_count() -> int:
 def is_main_process() -> bool:
     """Whether this is the launch's main process (True without a launch): the one that saves and logs."""
     return _state().is_main_process if _launched() else True
+
+
+def from_main_process(obj: Any) -> Any:
+    """The main process's ``obj`` on every process of a launch (``obj`` itself without one): for decisions that must
+    agree across processes, such as measured latencies or a time limit."""
+    if not _launched():
+        return obj
+    from accelerate.utils import broadcast_object_list
+
+    _state()
+    box = [obj]
+    broadcast_object_list(box, from_process=0)
+    return box[0]
 
 
 def sharded_map(

@@ -27,7 +27,7 @@ import diffusers
 from diffusers import ModelMixin  # noqa: F401  (diffusers loads components through this module attribute)
 from diffusers.configuration_utils import ConfigMixin, register_to_config
 from diffusers.utils import logging
-from effalg.core.distributed import sharded_map
+from effalg.core.distributed import from_main_process, sharded_map
 from effalg.core.memory import reports_peak_memory
 from effalg.core.model_schedule import ModelSchedule
 from effalg.core.schedule_search import predictor_guided_search
@@ -197,6 +197,7 @@ def search_model_schedule(
                 pre.remove()
                 post.remove()
             latency[name] = statistics.median(calls)
+        latency = from_main_process(latency)  # one budget for every process of a launch
         slowest = max(names, key=lambda n: latency[n])
         budget = float(time_budget) * latency[slowest] * steps
         floor = min(latency.values()) / latency[slowest]

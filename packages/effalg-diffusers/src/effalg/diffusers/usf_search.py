@@ -29,7 +29,7 @@ import torch
 from tqdm.auto import tqdm
 
 from diffusers.utils import logging
-from effalg.core.distributed import sharded_map
+from effalg.core.distributed import from_main_process, sharded_map
 from effalg.core.memory import reports_peak_memory
 from effalg.core.schedule_search import predictor_guided_search
 from effalg.core.solver_schedule import SolverSchedule, SolverStep
@@ -216,7 +216,7 @@ def search_solver_schedule(
             lambda c: _features(c, top),
             _key,
             max_evals=max_evals, children=children, evaluate_top=evaluate_top, seed=seed, on_scored=on_scored,
-            out_of_time=lambda: time_limit is not None and time.monotonic() - start > time_limit,
+            out_of_time=lambda: from_main_process(time_limit is not None and time.monotonic() - start > time_limit),
         )  # fmt: skip
         bar.close()
     finally:
