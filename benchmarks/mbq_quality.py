@@ -75,7 +75,8 @@ def add_outlier_channels(model, k: int, scale: float, seed: int = 0) -> list[int
     return idx.tolist()
 
 
-def run(n_eval: int, n_cal: int, progress: bool, outliers: int = 0, outlier_scale: float = 30.0) -> dict:
+def run(n_eval: int, n_cal: int, progress: bool, outliers: int = 0, outlier_scale: float = 30.0,
+        model_path: str | None = None) -> dict:  # fmt: skip
     from effalg.core.config import LinearQuantConfig, quantize_
     from effalg.core.eval import evaluate_vlm, vlm_samples
     from effalg.core.metrics import kl_divergence
@@ -84,7 +85,7 @@ def run(n_eval: int, n_cal: int, progress: bool, outliers: int = 0, outlier_scal
     from effalg.transformers.reference_models import load_reference_vlm
 
     def load():
-        model, processor = load_reference_vlm()
+        model, processor = load_reference_vlm(model_path)
         add_outlier_channels(model, outliers, outlier_scale)
         return model, processor
 
@@ -159,12 +160,13 @@ def main() -> None:
     ap.add_argument("--n-cal", type=int, default=32)
     ap.add_argument("--outliers", type=int, default=0, help="function-preserving outlier channels per decoder norm")
     ap.add_argument("--outlier-scale", type=float, default=30.0)
+    ap.add_argument("--model", default=None, help="a VLM folder (default: reference_models/tiny-vlm-shapes)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    result = run(args.n_eval, args.n_cal, not args.no_progress, args.outliers, args.outlier_scale)
+    result = run(args.n_eval, args.n_cal, not args.no_progress, args.outliers, args.outlier_scale, args.model)
     print(f"\nMBQ on tiny-vlm-shapes ({args.outliers} outlier channels x {args.outlier_scale:g}): {args.n_eval} images "
           f"x 3 questions, calibration on {args.n_cal} samples")  # fmt: skip
     print(table(result))
