@@ -2,7 +2,6 @@
 search_solver_schedule (effalg.diffusers.usf_search)."""
 
 import json
-import warnings
 
 import pytest
 import torch
@@ -70,6 +69,15 @@ def test_without_schedule_runs_dpmsolver_pp_for_any_step_count(x):
         assert len(usf.timesteps) == n and torch.isfinite(_trajectory(usf, x)[-1]).all()
 
 
+def test_from_another_schedulers_config_keeps_the_noise_schedule_quietly(caplog):
+    dpm = DPMSolverMultistepScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction")
+    with caplog.at_level("WARNING"):
+        usf = USFScheduler.from_config(dpm.config)
+    assert (usf.config.beta_schedule, usf.config.prediction_type) == ("squaredcos_cap_v2", "v_prediction")
+    assert "solver_order" not in usf.config and "not expected" not in caplog.text
+    torch.testing.assert_close(usf.alphas_cumprod, dpm.alphas_cumprod.float())
+
+
 def test_errors():
     sched = SolverSchedule.predictor_corrector([999.0, 500.0, 100.0, -1.0])
     usf = USFScheduler(**NOISE, schedule=sched)
@@ -89,9 +97,7 @@ def test_pipeline_save_reload_and_custom_timesteps(tiny_pixart_alpha, tmp_path):
     pipe = DiffusionPipeline.from_pretrained(tiny_pixart_alpha)
     pipe.set_progress_bar_config(disable=True)
     sched = SolverSchedule.predictor_corrector([999.0, 700.5, 400.0, 150.0, -1.0], order=3)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pipe.scheduler = USFScheduler.from_config(pipe.scheduler.config, schedule=sched)
+    pipe.scheduler = USFScheduler.from_config(pipe.scheduler.config, schedule=sched)
 
     def kw(steps=4, **extra):
         k = T.pipeline_kwargs(pipe)

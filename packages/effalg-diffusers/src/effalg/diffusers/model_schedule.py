@@ -86,6 +86,14 @@ class ModelScheduleRouter(ModelMixin, ConfigMixin):
         self.register_to_config(**{k: v for k, v in members[reference]["config"].items() if k not in _OWN_KEYS})
 
     @classmethod
+    def from_config(cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
+        """As diffusers' ``from_config``; the saved copy of the reference member's config is re-derived from
+        ``members``, so its keys are dropped here."""
+        if config is not None:
+            config = {k: v for k, v in dict(config).items() if k in _OWN_KEYS or k.startswith("_")}
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+
+    @classmethod
     def from_members(cls, zoo: Mapping[str, nn.Module], schedule: ModelSchedule | dict) -> ModelScheduleRouter:
         """A router holding the given (loaded) members; the first is the reference whose config pipelines read."""
         _check_zoo(zoo)

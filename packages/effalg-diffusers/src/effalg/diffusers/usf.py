@@ -12,6 +12,7 @@ one NFE). Without a schedule the scheduler runs DPM-Solver++(2M) with trailing t
 
 from __future__ import annotations
 
+import inspect
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -87,6 +88,15 @@ class USFScheduler(SchedulerMixin, ConfigMixin):
         self._active: SolverSchedule | None = None
         self._step_index: int | None = None
         self._history: list[_Record] = []
+
+    @classmethod
+    def from_config(cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
+        """As diffusers' ``from_config``; another scheduler's keys (``solver_order``, ``timestep_spacing``, ...) are
+        dropped quietly: only the noise schedule and ``prediction_type`` carry over."""
+        if config is not None:
+            keys = set(inspect.signature(cls.__init__).parameters)
+            config = {k: v for k, v in dict(config).items() if k in keys or k.startswith("_")}
+        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     # ---- noise schedule -----------------------------------------------------------------------------------------
     def alpha_sigma(self, t: float) -> tuple[float, float]:
