@@ -257,6 +257,10 @@ def search_model_schedule(
     if not results:
         raise ValueError(f"search_model_schedule: no route fits time_budget={time_budget} (latencies {latency})")
     err, route, origin = min(results, key=lambda v: v[0])
+    if len(results) < max_evals:
+        logger.warning("search_model_schedule: only %d route(s) fit time_budget=%s (measured per call: %s); a larger "
+                       "budget leaves more to search", len(results), time_budget,
+                       ", ".join(f"{n} {latency[n] * 1e3:.2f} ms" for n in names))  # fmt: skip
     return ModelSchedule(
         names, list(route), latency,
         {"timesteps": timesteps, "steps": steps, "time_budget": float(time_budget), "cost_s": cost(route),
