@@ -141,3 +141,17 @@ def test_search_beats_its_hand_made_seeds(tiny_pixart_alpha):
         ED.search_solver_schedule(pipe, ["a cat"], nfe=1)
     with pytest.raises(ValueError, match="prompts is empty"):
         ED.search_solver_schedule(pipe, [], nfe=3)
+
+
+def test_unet_pipeline_search_and_run(tiny_sd):
+    """The scheduler and the search on a UNet pipeline (SD: epsilon prediction, its own beta schedule)."""
+    pipe = DiffusionPipeline.from_pretrained(tiny_sd)
+    pipe.set_progress_bar_config(disable=True)
+    kw = T.calibration_kwargs(pipe)
+    sched = ED.search_solver_schedule(pipe, ["a cat", "a dog"], nfe=3, max_evals=16, reference_steps=10,
+                                      progress=False, **kw)  # fmt: skip
+    assert sched.metadata["score"]["value"] <= sched.metadata["search"]["best_seed_score"]
+    pipe.scheduler = USFScheduler.from_config(pipe.scheduler.config, schedule=sched)
+    k = T.pipeline_kwargs(pipe)
+    k["num_inference_steps"] = 3
+    assert torch.isfinite(pipe(**k).images).all()
