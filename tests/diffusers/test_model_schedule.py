@@ -122,3 +122,25 @@ def test_schedule_searches_sharded_over_two_processes(tiny_pixart_alpha, tmp_pat
         subprocess.run([sys.executable, str(script), what, str(tiny_pixart_alpha), str(tmp_path / "one.json")],
                        check=True, capture_output=True)  # fmt: skip
         assert strip(json.loads((tmp_path / "one.json").read_text())["plan"]) == r0["plan"]
+
+
+def test_effalg_compressed_members_save_and_reload(zoo_pipe, tiny_pixart_alpha, tmp_path):
+    """A zoo of one model and its ViDiT-Q W8A8 variant: each member saves in its own folder with its quantization
+    config and reloads through its quantizer."""
+    from effalg.core.modules import W8A8Linear
+    from effalg.diffusers import ViDiTQConfig
+
+    pipe, zoo = zoo_pipe
+    q = PixArtTransformer2DModel.from_pretrained(tiny_pixart_alpha, subfolder="transformer",
+                                                 quantization_config=ViDiTQConfig(8, 8))  # fmt: skip
+    sched = ModelSchedule(["fp", "w8a8"], ["w8a8", "fp", "w8a8", "fp"], metadata={"timesteps": _times(pipe)})
+    pipe.transformer = ModelScheduleRouter.from_members({"fp": zoo["large"], "w8a8": q}, sched)
+    images = pipe(**_kw(pipe)).images
+    pipe.save_pretrained(tmp_path)
+    assert json.load(open(tmp_path / "transformer" / "members" / "w8a8" / "config.json"))["quantization_config"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        again = DiffusionPipeline.from_pretrained(tmp_path)
+    again.set_progress_bar_config(disable=True)
+    assert isinstance(again.transformer.zoo["w8a8"].transformer_blocks[0].attn1.to_q, W8A8Linear)
+    assert torch.equal(again(**_kw(pipe)).images, images)

@@ -13,6 +13,7 @@ CFG calls at one step use one member, and a run with another step count is a cle
 from __future__ import annotations
 
 import math
+import os
 import random
 import statistics
 import time
@@ -58,37 +59,40 @@ def _check_zoo(zoo: Mapping[str, nn.Module]) -> None:
                 )
 
 
+def _json_config(m: nn.Module) -> dict[str, Any]:
+    """A member's config as plain JSON values (its ``quantization_config`` lives in its own folder)."""
+    out = {}
+    for k, v in dict(m.config).items():
+        if k.startswith("_") or k in _OWN_KEYS or k == "quantization_config":
+            continue
+        out[k] = list(v) if isinstance(v, tuple) else v
+    return out
+
+
 class ModelScheduleRouter(ModelMixin, ConfigMixin):
     """One denoiser over a zoo: each model call runs the member the :class:`~effalg.core.ModelSchedule` names for
-    that step. Its config is the reference (first) member's, plus ``members`` (class and config of each),
-    ``schedule`` and ``reference``."""
+    that step. Its config is the reference (first) member's (what pipelines read), plus ``members`` (each member's
+    class name), ``schedule`` and ``reference``. ``save_pretrained`` writes each member with its own
+    ``save_pretrained`` under ``members/<name>/`` (so effalg-compressed members keep their quantization config), and
+    ``from_pretrained`` loads them back the same way."""
 
     @register_to_config
     def __init__(self, members: dict | None = None, schedule: dict | None = None, reference: str | None = None) -> None:
         super().__init__()
         if not members or schedule is None:
-            raise ValueError("ModelScheduleRouter: members and schedule are required (use from_members)")
+            raise ValueError("ModelScheduleRouter: members and schedule are required (use from_members / "
+                             "from_pretrained)")  # fmt: skip
         self.schedule = ModelSchedule.from_dict(schedule)
         missing = sorted(set(self.schedule.members) - set(members))
         if missing:
             raise ValueError(f"ModelScheduleRouter: the schedule names member(s) {missing} the zoo lacks")
-        zoo = {}
-        for name, spec in members.items():
-            cls = getattr(diffusers, spec["class"], None)
-            if cls is None:
-                raise ValueError(f"ModelScheduleRouter: member {name!r} has unknown class {spec['class']!r}")
-            zoo[name] = cls.from_config(spec["config"])
-        _check_zoo(zoo)
-        self.zoo = nn.ModuleDict(zoo)
+        self.zoo = nn.ModuleDict()
         self._timesteps = self.schedule.metadata.get("timesteps")
-        reference = reference or next(iter(members))
-        # pipelines read the denoiser's config (in_channels, sample_size, ...): the reference member's
-        self.register_to_config(**{k: v for k, v in members[reference]["config"].items() if k not in _OWN_KEYS})
 
     @classmethod
     def from_config(cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
-        """As diffusers' ``from_config``; the saved copy of the reference member's config is re-derived from
-        ``members``, so its keys are dropped here."""
+        """As diffusers' ``from_config`` (the members are not built: use :meth:`from_pretrained` / :meth:`from_members`);
+        the saved copy of the reference member's config is dropped (it is re-derived from the members)."""
         if config is not None:
             config = {k: v for k, v in dict(config).items() if k in _OWN_KEYS or k.startswith("_")}
         return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
@@ -98,12 +102,54 @@ class ModelScheduleRouter(ModelMixin, ConfigMixin):
         """A router holding the given (loaded) members; the first is the reference whose config pipelines read."""
         _check_zoo(zoo)
         schedule = ModelSchedule.from_dict(schedule)
-        spec = {n: {"class": type(m).__name__, "config": {k: v for k, v in dict(m.config).items()
-                                                            if not k.startswith("_")}} for n, m in zoo.items()}  # fmt: skip
+        reference = next(iter(zoo))
         with torch.device("meta"):
-            router = cls(members=spec, schedule=schedule.to_dict(), reference=next(iter(zoo)))
+            router = cls(members={n: type(m).__name__ for n, m in zoo.items()}, schedule=schedule.to_dict(),
+                         reference=reference)  # fmt: skip
         router.zoo = nn.ModuleDict(dict(zoo))
+        router.register_to_config(**_json_config(zoo[reference]))  # in_channels, sample_size, ... for pipelines
         return router
+
+    def save_pretrained(self, save_directory: str | os.PathLike, **kwargs: Any) -> None:
+        """``config.json`` (members, schedule, the reference member's config) and each member's own
+        ``save_pretrained`` under ``members/<name>/``."""
+        os.makedirs(save_directory, exist_ok=True)
+        keep = {k: v for k, v in kwargs.items() if k in ("safe_serialization", "max_shard_size", "variant")}
+        for name, member in self.zoo.items():
+            member.save_pretrained(os.path.join(save_directory, "members", name), **keep)
+        self.save_config(save_directory)
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path: str | os.PathLike, **kwargs: Any) -> ModelScheduleRouter:
+        """Load a saved router: each member with its class's ``from_pretrained`` (effalg-quantized members through
+        their quantizer), then :meth:`from_members`. ``subfolder``, ``torch_dtype`` and the usual loading arguments
+        are passed on; a folder from the Hub is fetched first (``huggingface_hub.snapshot_download``)."""
+        root = str(pretrained_model_name_or_path)
+        sub = kwargs.pop("subfolder", None)
+        if not os.path.isdir(root):
+            from huggingface_hub import snapshot_download
+
+            root = snapshot_download(root, cache_dir=kwargs.get("cache_dir"), revision=kwargs.get("revision"),
+                                     local_files_only=kwargs.get("local_files_only", False))  # fmt: skip
+        if sub:
+            root = os.path.join(root, sub)
+        config = cls.load_config(root)
+        members = config.get("members") or {}
+        if not members or "schedule" not in config:
+            raise ValueError(f"ModelScheduleRouter.from_pretrained: {root} has no members / schedule in config.json")
+        keep = {k: v for k, v in kwargs.items() if k in ("torch_dtype", "low_cpu_mem_usage", "variant", "use_safetensors",
+                                                         "device_map", "max_memory", "offload_folder")}  # fmt: skip
+        zoo = {}
+        for name, class_name in members.items():
+            member_cls = getattr(diffusers, class_name, None)
+            if member_cls is None:
+                raise ValueError(f"ModelScheduleRouter: member {name!r} has unknown class {class_name!r}")
+            folder = os.path.join(root, "members", name)
+            if not os.path.isdir(folder):
+                raise ValueError(f"ModelScheduleRouter.from_pretrained: member {name!r} is missing ({folder})")
+            zoo[name] = member_cls.from_pretrained(folder, **keep)
+        order = [config.get("reference") or next(iter(members))] + [n for n in members if n != config.get("reference")]
+        return cls.from_members({n: zoo[n] for n in order}, config["schedule"])
 
     def member_for(self, timestep: Any) -> str:
         """The member that runs at ``timestep`` (one of the schedule's recorded timesteps)."""
