@@ -14,7 +14,6 @@ projections, all steps); "attn core" counts only the attention itself.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -22,7 +21,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import format_table  # noqa: E402
+from common import format_table, report  # noqa: E402
 
 STEPS, CFG = 20, 3.0
 THRESHOLDS = (0.025, 0.05, 0.1, 0.15, 0.2, 0.25)
@@ -99,12 +98,8 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     result = run(args.n_eval, args.n_cal, args.thresholds, args.window)
-    print(f"\nDiTFastAttn on tiny-pixart-shapes: {args.n_eval} prompts, {STEPS} steps, CFG {CFG}, search on "
-          f"{args.n_cal} prompts")  # fmt: skip
-    print(table(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1, default=str)
+    report(f"DiTFastAttn on tiny-pixart-shapes: {args.n_eval} prompts, {STEPS} steps, CFG {CFG}, search on "
+           f"{args.n_cal} prompts", table(result), result, args.json)  # fmt: skip
 
 
 if __name__ == "__main__":

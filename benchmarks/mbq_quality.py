@@ -22,7 +22,6 @@ W4A8, ``MBQConfig(quantize_vision_tower=True)``).
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import sys
@@ -31,7 +30,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import format_table  # noqa: E402
+from common import format_table, report  # noqa: E402
 
 SETTINGS = {  # name: (weight bits, act bits, group (None: the default), vision tower at W4A8 too)
     "W4": (4, None, None, False),
@@ -167,12 +166,9 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     result = run(args.n_eval, args.n_cal, not args.no_progress, args.outliers, args.outlier_scale, args.model)
-    print(f"\nMBQ on tiny-vlm-shapes ({args.outliers} outlier channels x {args.outlier_scale:g}): {args.n_eval} images "
-          f"x 3 questions, calibration on {args.n_cal} samples")  # fmt: skip
-    print(table(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1, default=str)
+    report(f"MBQ on {args.model or 'tiny-vlm-shapes'} ({args.outliers} outlier channels x {args.outlier_scale:g}): "
+           f"{args.n_eval} images x 3 questions, calibration on {args.n_cal} samples", table(result), result,
+           args.json)  # fmt: skip
 
 
 if __name__ == "__main__":

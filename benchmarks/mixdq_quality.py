@@ -21,7 +21,6 @@ distance on the checker's features. The ablation follows the paper's table, each
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import time
@@ -29,7 +28,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import format_table, module_bytes  # noqa: E402
+from common import format_table, module_bytes, report  # noqa: E402
 
 STEPS, CFG = 4, 3.0
 
@@ -150,13 +149,8 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     torch.manual_seed(0)
     result = run(args.n_eval, args.n_cal, args.rows, not args.no_progress)
-    print(
-        f"\nMixDQ on tiny-sd-shapes: {args.n_eval} prompts, {STEPS} steps, CFG {CFG}, calibration on {args.n_cal} prompts"
-    )
-    print(table(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1, default=str)
+    report(f"MixDQ on tiny-sd-shapes: {args.n_eval} prompts, {STEPS} steps, CFG {CFG}, calibration on {args.n_cal} "
+           "prompts", table(result), result, args.json)  # fmt: skip
 
 
 if __name__ == "__main__":

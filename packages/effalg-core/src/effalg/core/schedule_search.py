@@ -3,6 +3,7 @@
 Seeds are scored first; then each round mutates the best candidates into ``children`` new ones, a ridge regression
 on the candidates' features (fit to every score so far, on log scores) ranks them, and only the ``evaluate_top``
 best predicted are scored. ``score_batch`` scores a list of candidates (the caller may split it across processes).
+A tqdm bar counts the scored candidates and shows the best score.
 """
 
 from __future__ import annotations
@@ -10,9 +11,10 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Hashable, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import torch
+from tqdm.auto import tqdm
 
 __all__ = ["predictor_guided_search", "Ridge"]
 
@@ -47,11 +49,14 @@ def predictor_guided_search(
     evaluate_top: int = 4,
     seed: int = 0,
     out_of_time: Callable[[], bool] = lambda: False,
-    on_scored: Callable[[int, float], Any] | None = None,
+    desc: str = "search",
+    unit: str = "candidate",
+    progress: bool = True,
 ) -> list[tuple[float, C, str]]:
     """Return every scored ``(score, candidate, origin)`` (lower is better); origin is the seed's name or
     ``"search"``. Non-finite scores count as ``inf``."""
     scored: dict[Hashable, tuple[float, C, str]] = {}
+    bar = tqdm(total=max_evals, desc=desc, unit=unit, disable=not progress)
 
     def score(batch: list[tuple[C, str]]) -> None:
         fresh: dict[Hashable, tuple[C, str]] = {}
@@ -61,8 +66,9 @@ def predictor_guided_search(
         todo = list(fresh.values())[: max_evals - len(scored)]
         for (c, o), s in zip(todo, score_batch([c for c, _ in todo])):
             scored[key(c)] = (s if math.isfinite(s) else math.inf, c, o)
-        if on_scored is not None and scored:
-            on_scored(len(todo), min(v[0] for v in scored.values()))
+        bar.update(len(todo))
+        if scored:
+            bar.set_postfix(best=f"{min(v[0] for v in scored.values()):.3e}")
 
     score(list(seeds))
     rng = random.Random(seed)
@@ -85,4 +91,5 @@ def predictor_guided_search(
         cands = list(pool.values())
         ranked = sorted(zip(model.predict([features(c) for c in cands]), range(len(cands))))
         score([(cands[i], "search") for _, i in ranked[:evaluate_top]])
+    bar.close()
     return list(scored.values())

@@ -28,6 +28,7 @@ from effalg.core.ditfastattn_plan import DiTFastAttnPlan
 from effalg.core.memory import reports_peak_memory
 
 from .ditfastattn import apply_ditfastattn, attention_layers, ditfastattn_runtime, remove_ditfastattn
+from .pipeline_calibration import quiet_progress
 
 __all__ = ["search_ditfastattn", "relative_l1"]
 
@@ -199,12 +200,8 @@ def search_ditfastattn(
         remove_ditfastattn(model)
     kw = _call_kwargs(pipe, prompts, num_inference_steps, guidance_scale, seed, call_kwargs)
     first = next(iter(layers.values()))
-    progress = dict(getattr(pipe, "_progress_bar_config", {}))
-    pipe.set_progress_bar_config(disable=True)
-    try:
+    with quiet_progress(pipe):
         shapes = _probe(pipe, model, first, lambda: pipe(**kw))
-    finally:
-        pipe._progress_bar_config = progress
     n = shapes["num_tokens"]
     if window is None:
         window = max(1, n // 8)
@@ -233,12 +230,11 @@ def search_ditfastattn(
     try:
         hook.runtime = ditfastattn_runtime(apply_ditfastattn(model, plan, record=False))
         hook.runtime.cache_all = True
-        pipe.set_progress_bar_config(disable=True)
-        pipe(**_call_kwargs(pipe, prompts, num_inference_steps, guidance_scale, seed, call_kwargs))
+        with quiet_progress(pipe):
+            pipe(**_call_kwargs(pipe, prompts, num_inference_steps, guidance_scale, seed, call_kwargs))
         methods = {k: list(v) for k, v in hook.runtime.methods.items()}
     finally:
         bar.close()
-        pipe._progress_bar_config = progress
         remove_ditfastattn(model, record=False)
         registry.remove_hook(_SEARCH_HOOK, recurse=False)
     metadata["timesteps"] = hook.timesteps

@@ -12,7 +12,6 @@ CFG calls at one step use one member, and a run with another step count is a cle
 
 from __future__ import annotations
 
-import math
 import os
 import random
 import statistics
@@ -22,7 +21,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 import diffusers
 from diffusers import ModelMixin  # noqa: F401  (diffusers loads components through this module attribute)
@@ -32,6 +30,8 @@ from effalg.core.distributed import from_main_process, sharded_map
 from effalg.core.memory import reports_peak_memory
 from effalg.core.model_schedule import ModelSchedule
 from effalg.core.schedule_search import predictor_guided_search
+
+from .pipeline_calibration import quiet_progress, reference_error, seeded_output
 
 __all__ = ["ModelScheduleRouter", "search_model_schedule"]
 
@@ -88,14 +88,6 @@ class ModelScheduleRouter(ModelMixin, ConfigMixin):
             raise ValueError(f"ModelScheduleRouter: the schedule names member(s) {missing} the zoo lacks")
         self.zoo = nn.ModuleDict()
         self._timesteps = self.schedule.metadata.get("timesteps")
-
-    @classmethod
-    def from_config(cls, config: Any = None, return_unused_kwargs: bool = False, **kwargs: Any) -> Any:
-        """As diffusers' ``from_config`` (the members are not built: use :meth:`from_pretrained` / :meth:`from_members`);
-        the saved copy of the reference member's config is dropped (it is re-derived from the members)."""
-        if config is not None:
-            config = {k: v for k, v in dict(config).items() if k in _OWN_KEYS or k.startswith("_")}
-        return super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
 
     @classmethod
     def from_members(cls, zoo: Mapping[str, nn.Module], schedule: ModelSchedule | dict) -> ModelScheduleRouter:
@@ -229,87 +221,67 @@ def search_model_schedule(
         kw["guidance_scale"] = guidance_scale
     pipe.scheduler.set_timesteps(steps)
     timesteps = [float(t) for t in pipe.scheduler.timesteps]
-    progress_cfg = dict(getattr(pipe, "_progress_bar_config", {}))
-    pipe.set_progress_bar_config(disable=True)
 
     def run(route: Sequence[str], n: int, times: list[float]) -> torch.Tensor:
-        sched = ModelSchedule(names, list(route), metadata={"timesteps": times})
-        setattr(pipe, attr, ModelScheduleRouter.from_members(zoo, sched))
-        out = pipe(prompts, num_inference_steps=n, generator=torch.Generator("cpu").manual_seed(seed), **kw)
-        return (out.images if hasattr(out, "images") else out[0]).float()
+        setattr(pipe, attr, ModelScheduleRouter.from_members(zoo, ModelSchedule(names, list(route),
+                                                                                metadata={"timesteps": times})))  # fmt: skip
+        return seeded_output(pipe, prompts, n, seed, **kw)
 
     try:
-        latency = {}
-        for name in names:  # timed as it runs: per-call wall time inside the pipeline
-            calls: list[float] = []
-            member = zoo[name]
-            pre = member.register_forward_pre_hook(lambda *a, c=calls: c.append(-time.perf_counter()))
-            post = member.register_forward_hook(lambda *a, c=calls: c.append(c.pop() + time.perf_counter()))
-            try:
-                run([name] * steps, steps, timesteps)
-            finally:
-                pre.remove()
-                post.remove()
-            latency[name] = statistics.median(calls)
-        latency = from_main_process(latency)  # one budget for every process of a launch
-        slowest = max(names, key=lambda n: latency[n])
-        budget = float(time_budget) * latency[slowest] * steps
-        floor = min(latency.values()) / latency[slowest]
-        if float(time_budget) < floor:
-            raise ValueError(
-                f"search_model_schedule: time_budget={time_budget} is below the fastest member alone ({floor:.2f} of "
-                f"the slowest, measured: {', '.join(f'{n} {latency[n] * 1e3:.2f} ms' for n in names)} per call)"
-            )
-        pipe.scheduler.set_timesteps(reference_steps)
-        ref = run([slowest] * reference_steps, reference_steps, [float(t) for t in pipe.scheduler.timesteps])
-        cost = lambda r: sum(latency[m] for m in r)  # noqa: E731
-        bar = tqdm(total=max_evals, desc=f"OMS-DPM search steps={steps}", unit="route", disable=not progress)
+        with quiet_progress(pipe):
+            latency = {}
+            for name in names:  # timed as it runs: per-call wall time inside the pipeline
+                calls: list[float] = []
+                member = zoo[name]
+                pre = member.register_forward_pre_hook(lambda *a, c=calls: c.append(-time.perf_counter()))
+                post = member.register_forward_hook(lambda *a, c=calls: c.append(c.pop() + time.perf_counter()))
+                try:
+                    run([name] * steps, steps, timesteps)
+                finally:
+                    pre.remove()
+                    post.remove()
+                latency[name] = statistics.median(calls)
+            latency = from_main_process(latency)  # one budget for every process of a launch
+            measured = ", ".join(f"{n} {latency[n] * 1e3:.2f} ms" for n in names)
+            slowest, fast = max(names, key=latency.get), min(names, key=latency.get)
+            budget = float(time_budget) * latency[slowest] * steps
+            if latency[fast] * steps > budget * (1 + 1e-9):
+                raise ValueError(
+                    f"search_model_schedule: time_budget={time_budget} is below the fastest member alone "
+                    f"({latency[fast] / latency[slowest]:.2f} of the slowest; measured per call: {measured})"
+                )
+            fits = lambda r: sum(latency[m] for m in r) <= budget * (1 + 1e-9)  # noqa: E731
+            pipe.scheduler.set_timesteps(reference_steps)
+            ref = run([slowest] * reference_steps, reference_steps, [float(t) for t in pipe.scheduler.timesteps])
 
-        def error(route: tuple[str, ...]) -> float:
-            if cost(route) > budget * (1 + 1e-9):
-                return math.inf
-            out = run(route, steps, timesteps)
-            return float(((out - ref) ** 2).mean()) if metric is None else float(metric(out, ref))
+            def mutate(route: tuple[str, ...], rng: random.Random) -> tuple[str, ...] | None:
+                r = list(route)
+                for _ in range(rng.randint(1, 2)):
+                    r[rng.randrange(steps)] = rng.choice(names)
+                return tuple(r) if fits(r) else None
 
-        def mutate(route: tuple[str, ...], rng: random.Random) -> tuple[str, ...] | None:
-            r = list(route)
-            for _ in range(rng.randint(1, 2)):
-                r[rng.randrange(steps)] = rng.choice(names)
-            return tuple(r) if cost(r) <= budget * (1 + 1e-9) else None
-
-        seeds = []
-        for name in names:
-            if latency[name] * steps <= budget * (1 + 1e-9):
-                seeds.append(((name,) * steps, f"{name} alone"))
-        fast = min(names, key=lambda n: latency[n])
-        for k in range(1, steps):  # the slowest member on the first / the last k steps, the fastest elsewhere
-            for r in ((slowest,) * k + (fast,) * (steps - k), (fast,) * (steps - k) + (slowest,) * k):
-                if cost(r) <= budget * (1 + 1e-9):
-                    seeds.append((r, f"{slowest} x{k}"))
-
-        def on_scored(n: int, best: float) -> None:
-            bar.update(n)
-            bar.set_postfix(best=f"{best:.3e}")
-
-        results = predictor_guided_search(
-            seeds, lambda batch: sharded_map(error, batch, progress=False), mutate,
-            lambda r: _route_features(r, names), lambda r: r,
-            max_evals=max_evals, children=children, evaluate_top=evaluate_top, seed=seed, on_scored=on_scored,
-        )  # fmt: skip
-        bar.close()
+            seeds = [((name,) * steps, f"{name} alone") for name in names if fits((name,) * steps)]
+            for k in range(1, steps):  # the slowest member on the first / the last k steps, the fastest elsewhere
+                for r in ((slowest,) * k + (fast,) * (steps - k), (fast,) * (steps - k) + (slowest,) * k):
+                    if fits(r):
+                        seeds.append((r, f"{slowest} x{k}"))
+            results = predictor_guided_search(
+                seeds,
+                lambda batch: sharded_map(lambda r: reference_error(run(r, steps, timesteps), ref, metric), batch,
+                                          progress=False),
+                mutate, lambda r: _route_features(r, names), lambda r: r,
+                max_evals=max_evals, children=children, evaluate_top=evaluate_top, seed=seed,
+                desc=f"OMS-DPM search steps={steps}", unit="route", progress=progress,
+            )  # fmt: skip
     finally:
         setattr(pipe, attr, original)
-        pipe._progress_bar_config = progress_cfg
-    if not results:
-        raise ValueError(f"search_model_schedule: no route fits time_budget={time_budget} (latencies {latency})")
     err, route, origin = min(results, key=lambda v: v[0])
     if len(results) < max_evals:
         logger.warning("search_model_schedule: only %d route(s) fit time_budget=%s (measured per call: %s); a larger "
-                       "budget leaves more to search", len(results), time_budget,
-                       ", ".join(f"{n} {latency[n] * 1e3:.2f} ms" for n in names))  # fmt: skip
+                       "budget leaves more to search", len(results), time_budget, measured)  # fmt: skip
     return ModelSchedule(
         names, list(route), latency,
-        {"timesteps": timesteps, "steps": steps, "time_budget": float(time_budget), "cost_s": cost(route),
+        {"timesteps": timesteps, "steps": steps, "time_budget": float(time_budget), "cost_s": sum(latency[m] for m in route),
          "budget_s": budget, "score": {"metric": "latent_mse_vs_reference" if metric is None else "custom",
                                        "value": err, "reference": f"{slowest} x{reference_steps}"},
          "search": {"evaluated": len(results), "origin": origin}},

@@ -184,14 +184,27 @@ def _first_tensor(out: Any) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def _quiet(pipe) -> Iterator[None]:
-    """The pipeline's own progress bar off (calibration shows its own)."""
+def quiet_progress(pipe) -> Iterator[None]:
+    """The pipeline's own progress bar off (calibration and searches show their own), restored after."""
     old = dict(getattr(pipe, "_progress_bar_config", {}))
     pipe.set_progress_bar_config(disable=True)
     try:
         yield
     finally:
         pipe._progress_bar_config = old
+
+
+def seeded_output(pipe, prompts: Sequence[str], num_inference_steps: int, seed: int, **call_kwargs: Any) -> torch.Tensor:
+    """``pipe(prompts, ...)`` with a generator seeded ``seed``: its images (latents with ``output_type="latent"``) as
+    float32, the candidates of a schedule search and their reference alike."""
+    out = pipe(list(prompts), num_inference_steps=num_inference_steps, generator=torch.Generator("cpu").manual_seed(seed),
+               **call_kwargs)  # fmt: skip
+    return (out.images if hasattr(out, "images") else out[0]).float()
+
+
+def reference_error(out: torch.Tensor, ref: torch.Tensor, metric: Callable | None = None) -> float:
+    """A candidate's score against the reference output (lower is better): mean squared error, or ``metric``."""
+    return float(((out - ref) ** 2).mean()) if metric is None else float(metric(out, ref))
 
 
 class PipelineRunner:
@@ -308,7 +321,7 @@ def run_float(
     try:
         hooks += [model.register_forward_pre_hook(record_call, with_kwargs=True), model.register_forward_hook(tick)]
         with contextlib.ExitStack() as stack:
-            stack.enter_context(_quiet(runner.pipe))
+            stack.enter_context(quiet_progress(runner.pipe))
             if collector is not None:
                 stack.enter_context(collector)
             for obs in observers:
@@ -451,7 +464,7 @@ def layer_sensitivity(
                 out[c] = group.metric.error(run, name)
         return out
 
-    with torch.no_grad(), _quiet(run.runner.pipe):
+    with torch.no_grad(), quiet_progress(run.runner.pipe):
         for g in sorted(set(layer_groups.values())):
             groups[g].metric.prepare(run, [n for n, gn in layer_groups.items() if gn == g])
         names = list(layer_groups)

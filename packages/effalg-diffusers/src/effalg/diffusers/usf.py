@@ -140,6 +140,7 @@ class USFScheduler(SchedulerMixin, ConfigMixin):
         for t in sched.timesteps:
             self.alpha_sigma(t)  # range check
         self._active = sched
+        self._keep = max(st.points for st in sched.steps) + 2  # history a step (and its corrector) reads
         calls = sched.model_timesteps
         integral = all(float(t).is_integer() for t in calls)
         self.timesteps = torch.tensor(calls, dtype=torch.long if integral else torch.float32, device=device)
@@ -183,7 +184,7 @@ class USFScheduler(SchedulerMixin, ConfigMixin):
             sample = solver_update(prev.x, prev.lam, prev.form(st.prediction), others[: st.order], a_p, s_p, a, s,
                                    st.order + 1, st.prediction)  # fmt: skip
         hist.append(_Record(lam, sample, eps, x0))
-        del hist[: -(max(sched.steps[j].points for j in range(sched.nfe)) + 2)]
+        del hist[: -self._keep]
         st = sched.steps[i]
         a_n, s_n = self.alpha_sigma(sched.timesteps[i + 1])
         others = [(r.lam, r.form(st.prediction)) for r in hist[-1 - st.points : -1][::-1]]

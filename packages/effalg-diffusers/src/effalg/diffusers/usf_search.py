@@ -26,7 +26,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-from tqdm.auto import tqdm
 
 from diffusers.utils import logging
 from effalg.core.distributed import from_main_process, sharded_map
@@ -34,6 +33,7 @@ from effalg.core.memory import reports_peak_memory
 from effalg.core.schedule_search import predictor_guided_search
 from effalg.core.solver_schedule import SolverSchedule, SolverStep
 
+from .pipeline_calibration import quiet_progress, reference_error, seeded_output
 from .usf import USFScheduler
 
 __all__ = ["search_solver_schedule", "seed_schedules"]
@@ -186,55 +186,41 @@ def search_solver_schedule(
     kw = dict(call_kwargs, output_type="latent" if metric is None else "pt")
     if guidance_scale is not None:
         kw["guidance_scale"] = guidance_scale
-    progress_cfg = dict(getattr(pipe, "_progress_bar_config", {}))
-    pipe.set_progress_bar_config(disable=True)
 
     def run(schedule: SolverSchedule | None, steps: int) -> torch.Tensor:
         pipe.scheduler = USFScheduler.from_config(base.config, schedule=schedule)
-        gen = torch.Generator("cpu").manual_seed(seed)
-        out = pipe(prompts, num_inference_steps=steps, generator=gen, **kw)
-        return (out.images if hasattr(out, "images") else out[0]).float()
+        return seeded_output(pipe, prompts, steps, seed, **kw)
 
     start = time.monotonic()
     top = float(base.config.num_train_timesteps - 1)
     try:
-        ref = run(None, reference_steps)
-        bar = tqdm(total=max_evals, desc=f"USF search NFE={nfe}", unit="schedule", disable=not progress)
-
-        def error(c: SolverSchedule) -> float:
-            out = run(c, nfe)
-            return float(((out - ref) ** 2).mean()) if metric is None else float(metric(out, ref))
-
-        def on_scored(n: int, best: float) -> None:
-            bar.update(n)
-            bar.set_postfix(best=f"{best:.3e}")
-
-        results = predictor_guided_search(
-            [(s, name) for name, s in seed_schedules(base, nfe).items()],
-            lambda batch: sharded_map(error, batch, progress=False),  # split across a launch's processes, if any
-            lambda c, rng: _mutate(c, rng, base),
-            lambda c: _features(c, top),
-            _key,
-            max_evals=max_evals, children=children, evaluate_top=evaluate_top, seed=seed, on_scored=on_scored,
-            out_of_time=lambda: from_main_process(time_limit is not None and time.monotonic() - start > time_limit),
-        )  # fmt: skip
-        bar.close()
+        with quiet_progress(pipe):
+            ref = run(None, reference_steps)
+            results = predictor_guided_search(
+                [(s, name) for name, s in seed_schedules(base, nfe).items()],
+                # candidates split across a launch's processes, if any
+                lambda batch: sharded_map(lambda c: reference_error(run(c, nfe), ref, metric), batch, progress=False),
+                lambda c, rng: _mutate(c, rng, base),
+                lambda c: _features(c, top),
+                _key,
+                max_evals=max_evals, children=children, evaluate_top=evaluate_top, seed=seed,
+                out_of_time=lambda: from_main_process(time_limit is not None and time.monotonic() - start > time_limit),
+                desc=f"USF search NFE={nfe}", unit="schedule", progress=progress,
+            )  # fmt: skip
     finally:
         pipe.scheduler = original
-        pipe._progress_bar_config = progress_cfg
-    scored = {_key(c): (e, c, o) for e, c, o in results}
-    err, best, origin = min(scored.values(), key=lambda v: v[0])
-    seeds = {v[2]: v[0] for v in scored.values() if v[2] != "search"}
+    err, best, origin = min(results, key=lambda v: v[0])
+    seeds = {o: e for e, _, o in results if o != "search"}
     best_seed = min(seeds.items(), key=lambda kv: kv[1]) if seeds else (None, None)
     best.metadata = {
         "nfe": nfe,
         "score": {"metric": "latent_mse_vs_reference" if metric is None else getattr(metric, "__name__", "custom"),
                   "value": err, "reference": f"dpm++2m x{reference_steps}",
                   "prompts": len(prompts), "seed": seed, "guidance_scale": guidance_scale},
-        "search": {"evaluated": len(scored), "seconds": round(time.monotonic() - start, 1), "origin": origin,
+        "search": {"evaluated": len(results), "seconds": round(time.monotonic() - start, 1), "origin": origin,
                    "best_seed_solver": best_seed[0], "best_seed_score": best_seed[1]},
         "model": str(getattr(pipe, "name_or_path", None) or ""),
     }  # fmt: skip
     logger.info("USF search NFE=%d: best %.3e (%s) vs best hand-made %s %.3e, %d schedules scored", nfe, err, origin,
-                best_seed[0], best_seed[1] or float("nan"), len(scored))  # fmt: skip
+                best_seed[0], best_seed[1] or float("nan"), len(results))  # fmt: skip
     return best

@@ -516,43 +516,30 @@ def _search_layer(layer, inputs, q_inputs, weights, w_attn, w_mlp, w_spec, a_spe
     cap: dict[str, list] = {k: [] for k in ("attn_in", "attn_out", "o_in", "o_out", "mlp_in", "mlp_out", "down_in",
                                             "down_out")}  # fmt: skip
 
-    def pre(key):
-        return lambda m, a, k: cap[key].append((a, dict(k)))
+    modules = {"attn": attn, "o": attn.o_proj, "mlp": mlp, "down": mlp.down_proj}
 
-    def post(key):
-        return lambda m, a, k, y: cap[key].append(_out(y))
-
-    pres = [
-        attn.register_forward_pre_hook(pre("attn_in"), with_kwargs=True),
-        attn.o_proj.register_forward_pre_hook(pre("o_in"), with_kwargs=True),
-        mlp.register_forward_pre_hook(pre("mlp_in"), with_kwargs=True),
-        mlp.down_proj.register_forward_pre_hook(pre("down_in"), with_kwargs=True),
-    ]
-    posts = [
-        attn.register_forward_hook(post("attn_out"), with_kwargs=True),
-        attn.o_proj.register_forward_hook(post("o_out"), with_kwargs=True),
-        mlp.register_forward_hook(post("mlp_out"), with_kwargs=True),
-        mlp.down_proj.register_forward_hook(post("down_out"), with_kwargs=True),
-    ]
-    try:
-        if q_inputs is not inputs:  # outputs from the float inputs, then inputs from the quantized stream
-            for h in pres:
-                h.remove()
-            for a, k in inputs:
+    def run(xs, want_in: bool, want_out: bool) -> None:
+        """Run the layer on ``xs``, recording the four modules' inputs and / or outputs."""
+        hs = []
+        for key, m in modules.items():
+            if want_in:
+                hs.append(m.register_forward_pre_hook(lambda _m, a, k, key=key: cap[key + "_in"].append((a, dict(k))),
+                                                      with_kwargs=True))  # fmt: skip
+            if want_out:
+                hs.append(m.register_forward_hook(lambda _m, a, k, y, key=key: cap[key + "_out"].append(_out(y)),
+                                                  with_kwargs=True))  # fmt: skip
+        try:
+            for a, k in xs:
                 layer(*a, **k)
-            for h in posts:
+        finally:
+            for h in hs:
                 h.remove()
-            pres = [
-                attn.register_forward_pre_hook(pre("attn_in"), with_kwargs=True),
-                attn.o_proj.register_forward_pre_hook(pre("o_in"), with_kwargs=True),
-                mlp.register_forward_pre_hook(pre("mlp_in"), with_kwargs=True),
-                mlp.down_proj.register_forward_pre_hook(pre("down_in"), with_kwargs=True),
-            ]
-        for a, k in q_inputs:
-            layer(*a, **k)
-    finally:
-        for h in pres + posts:
-            h.remove()
+
+    if q_inputs is inputs:
+        run(inputs, True, True)
+    else:  # reference outputs from the float stream, search inputs from the quantized one
+        run(inputs, False, True)
+        run(q_inputs, True, False)
 
     def token_weights(w_vision):
         return [t + w_vision * v for t, v in weights]

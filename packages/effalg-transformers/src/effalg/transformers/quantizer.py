@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from effalg.core.config import get_handler
-from effalg.core.modules import QuantModuleBase, buffers_to_parameters_, parameters_to_buffers_
+from effalg.core.modules import QuantModuleBase, buffers_to_parameters_, offload_hooked, parameters_to_buffers_
 from effalg.kernels.allocator import account_transient, begin_bounded_allocations, end_bounded_allocations
 from transformers.core_model_loading import ConversionOps
 from transformers.quantizers import HfQuantizer
@@ -50,15 +50,6 @@ class EffalgQuantizeOp(ConversionOps):
             k for k, _ in target.named_parameters(recurse=False)
         }
         return {f"{prefix}.{k}": v for k, v in state.items() if k in stored and k not in ("bias", "smooth_scale")}
-
-
-def _offloaded_prefixes(model: nn.Module) -> list[str]:
-    """Modules an accelerate device map offloads (``"disk"`` / ``"cpu"`` next to an accelerator): their tensors are
-    loaded at each forward by accelerate's hooks, so meta placeholders there are expected."""
-    device_map = getattr(model, "hf_device_map", None) or {}
-    devices = set(device_map.values())
-    offload = {"disk"} | ({"cpu"} if devices - {"cpu", "disk"} else set())
-    return [name for name, dev in device_map.items() if dev in offload]
 
 
 class EffalgHfQuantizer(HfQuantizer):
@@ -134,11 +125,10 @@ class EffalgHfQuantizer(HfQuantizer):
         for m in model.modules():
             if isinstance(m, QuantModuleBase) and "weight" in m._parameters:
                 del m._parameters["weight"]
-        offloaded = _offloaded_prefixes(model)
-        missing = [
+        missing = [  # offloaded layers hold meta placeholders: accelerate's hooks load their tensors at each forward
             f"{name}.{t}"
             for name, m in model.named_modules()
-            if isinstance(m, QuantModuleBase) and not any(name == p or name.startswith(p + ".") for p in offloaded)
+            if isinstance(m, QuantModuleBase) and not offload_hooked(m)
             for t, v in list(m.named_buffers(recurse=False)) + list(m.named_parameters(recurse=False))
             if t != "bias" and (v.is_meta or not getattr(v, "_is_hf_initialized", False))
         ]

@@ -4,6 +4,7 @@ from .base import (
     QuantModuleBase,
     buffers_to_parameters_,
     memory_footprint,
+    offload_hooked,
     parameters_to_buffers_,
     prepack_model_,
     unpack_model_,
@@ -29,5 +30,6 @@ __all__ = [
     "prepack_model_",
     "buffers_to_parameters_",
     "parameters_to_buffers_",
+    "offload_hooked",
     "unpack_model_",
 ]

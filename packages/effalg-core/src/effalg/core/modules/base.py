@@ -18,6 +18,7 @@ __all__ = [
     "unpack_model_",
     "buffers_to_parameters_",
     "parameters_to_buffers_",
+    "offload_hooked",
 ]
 
 
@@ -61,7 +62,7 @@ def buffers_to_parameters_(module: nn.Module) -> nn.Module:
     return module
 
 
-def _offload_hooked(module: nn.Module) -> bool:
+def offload_hooked(module: nn.Module) -> bool:
     """Whether an accelerate hook offloads ``module``'s weights (reloading them at each forward)."""
     hook = getattr(module, "_hf_hook", None)
     return any(getattr(h, "offload", False) for h in getattr(hook, "hooks", (hook,)))
@@ -71,7 +72,7 @@ def parameters_to_buffers_(module: nn.Module, keep_offloaded: bool = False) -> n
     """Inverse of :func:`buffers_to_parameters_` (for the modules it converted); with ``keep_offloaded``, modules an
     accelerate hook offloads (and submodules of such) stay as they are."""
     for m in module.modules():
-        if keep_offloaded and _offload_hooked(m):
+        if keep_offloaded and offload_hooked(m):
             continue
         for n in getattr(m, "_effalg_parameter_buffers", ()):
             p = m._parameters.pop(n)
