@@ -7,7 +7,9 @@ and W4A8, in one table, plus the per-layer vision/text gradient ratios MBQ measu
 * MBQ: ``calibrate_mbq(..., MBQConfig())``: vision tokens weighted by the measured gradient ratio, text = the answer
   tokens, mean absolute error.
 
-Calibration on ``--n-cal`` samples of ``effalg.core.eval.vlm_samples`` (seed 0); evaluation by
+Calibration on ``--n-cal`` samples of ``effalg.core.eval.vlm_samples``, once per ``--cal-seeds`` seed (AWQ and MBQ
+rows: the mean over the calibration sets, with the range of the KL column: on this model the spread between
+calibration sets is as large as the differences between methods); evaluation by
 ``effalg.core.eval.evaluate_vlm`` on ``--n-eval`` held-out images x 3 questions (exact match; chance: shape 1/3,
 colour and background 1/6), the answer's negative log-likelihood and the fidelity to the float model: the KL
 divergence ``KL(FP || quantized)`` of the first answer token's distribution (``effalg.core.metrics.kl_divergence``),
@@ -75,12 +77,9 @@ def add_outlier_channels(model, k: int, scale: float, seed: int = 0) -> list[int
 
 
 def run(n_eval: int, n_cal: int, progress: bool, outliers: int = 0, outlier_scale: float = 30.0,
-        model_path: str | None = None) -> dict:  # fmt: skip
-    from effalg.core.config import LinearQuantConfig, quantize_
+        model_path: str | None = None, cal_seeds: tuple[int, ...] = (0,)) -> dict:  # fmt: skip
     from effalg.core.eval import evaluate_vlm, vlm_samples
     from effalg.core.metrics import kl_divergence
-    from effalg.transformers import MBQConfig, calibrate_mbq
-    from effalg.transformers.mbq import _float_modules, decoder_layers, vision_tower
     from effalg.transformers.reference_models import load_reference_vlm
 
     def load():
@@ -89,7 +88,7 @@ def run(n_eval: int, n_cal: int, progress: bool, outliers: int = 0, outlier_scal
         return model, processor
 
     model, processor = load()
-    samples = vlm_samples(processor, n=n_cal, seed=0)
+    calibration_sets = [vlm_samples(processor, n=n_cal, seed=s) for s in cal_seeds]
     gs = group_size(model)
     fp = evaluate_vlm(model, processor, n_samples=n_eval, return_logits=True)
     fp_logits = fp.pop("answer_logits")
@@ -98,33 +97,43 @@ def run(n_eval: int, n_cal: int, progress: bool, outliers: int = 0, outlier_scal
     for setting, (wb, ab, group, vision) in SETTINGS.items():
         group = gs if group is None else group
         for method in ("RTN", "AWQ", "MBQ"):
-            model, _ = load()
-            t = time.perf_counter()
-            if method == "RTN":
-                prefix, _ = decoder_layers(model)
-                if vision:
-                    quantize_(model.get_submodule(vision_tower(model)), LinearQuantConfig(weight_bits=4, act_bits=8))
-                cfg = LinearQuantConfig(
-                    weight_bits=wb,
-                    act_bits=ab,
-                    weight_group_size=group,
-                    weight_symmetric=ab == 8,
-                    modules_to_not_convert=_float_modules(model, prefix, *([vision_tower(model)] if vision else [])),
-                )
-                quantize_(model, cfg)  # fmt: skip
-            else:
-                cfg = MBQConfig(weight_bits=wb, act_bits=ab, group_size=group, balance_modalities=method == "MBQ",
-                                quantize_vision_tower=vision)  # fmt: skip
-                calibrate_mbq(model, processor, samples, cfg, progress=progress)
-                if method == "MBQ" and setting == "W3":
-                    ratios = cfg.calibration["vision_text_grad_ratio"]
-            calib_s = time.perf_counter() - t
-            res = evaluate_vlm(model, processor, n_samples=n_eval, return_logits=True)
-            kl = kl_divergence(fp_logits, res.pop("answer_logits"))
-            rows.append({"setting": f"{setting}" + (f" g{group}" if group else ""), "method": method,
-                         "calib_s": calib_s, "kl": kl, **res})  # fmt: skip
-            print(f"{setting} {method}: all {res['all_acc']:.3f}, KL {kl:.2e} ({calib_s:.0f} s)", flush=True)
-    return {"rows": rows, "ratios": ratios, "n_eval": n_eval, "n_cal": n_cal}
+            runs = []
+            for samples in calibration_sets if method != "RTN" else calibration_sets[:1]:
+                model, _ = load()
+                t = time.perf_counter()
+                ratios = quantize(model, processor, samples, method, setting, wb, ab, group, vision, progress) or ratios
+                calib_s = time.perf_counter() - t
+                res = evaluate_vlm(model, processor, n_samples=n_eval, return_logits=True)
+                runs.append({"calib_s": calib_s, "kl": kl_divergence(fp_logits, res.pop("answer_logits")), **res})
+            row = {k: sum(r[k] for r in runs) / len(runs) for k in runs[0] if isinstance(runs[0][k], (int, float))}
+            row.update(setting=f"{setting}" + (f" g{group}" if group else ""), method=method, runs=len(runs),
+                       kl_min=min(r["kl"] for r in runs), kl_max=max(r["kl"] for r in runs))  # fmt: skip
+            rows.append(row)
+            print(f"{setting} {method}: all {row['all_acc']:.3f}, KL {row['kl']:.2e} [{row['kl_min']:.2e}, "
+                  f"{row['kl_max']:.2e}] ({row['calib_s']:.0f} s)", flush=True)  # fmt: skip
+    return {"rows": rows, "ratios": ratios, "n_eval": n_eval, "n_cal": n_cal, "cal_seeds": list(cal_seeds)}
+
+
+def quantize(model, processor, samples, method: str, setting: str, wb: int, ab, group: int, vision: bool,
+             progress: bool = False):  # fmt: skip
+    """Quantize ``model`` in place with ``method``; the MBQ W3 run returns its gradient ratios."""
+    from effalg.core.config import LinearQuantConfig, quantize_
+    from effalg.transformers import MBQConfig, calibrate_mbq
+    from effalg.transformers.mbq import _float_modules, decoder_layers, vision_tower
+
+    if method == "RTN":
+        prefix, _ = decoder_layers(model)
+        tower = [vision_tower(model)] if vision else []
+        if vision:
+            quantize_(model.get_submodule(tower[0]), LinearQuantConfig(weight_bits=4, act_bits=8))
+        quantize_(model, LinearQuantConfig(weight_bits=wb, act_bits=ab, weight_group_size=group,
+                                           weight_symmetric=ab == 8,
+                                           modules_to_not_convert=_float_modules(model, prefix, *tower)))  # fmt: skip
+        return None
+    cfg = MBQConfig(weight_bits=wb, act_bits=ab, group_size=group, balance_modalities=method == "MBQ",
+                    quantize_vision_tower=vision)  # fmt: skip
+    calibrate_mbq(model, processor, samples, cfg, progress=progress)
+    return cfg.calibration["vision_text_grad_ratio"] if method == "MBQ" and setting == "W3" else None
 
 
 def table(result: dict) -> str:
@@ -137,7 +146,7 @@ def table(result: dict) -> str:
             f"{r['bg_acc']:.3f}",
             f"{r['all_acc']:.3f}",
             f"{r['loss']:.2e}",
-            f"{r['kl']:.2e}",
+            f"{r['kl']:.2e}" + (f" [{r['kl_min']:.1e}, {r['kl_max']:.1e}]" if r.get("runs", 1) > 1 else ""),
             f"{r['calib_s']:.0f}",
         ]  # fmt: skip
         for r in result["rows"]
@@ -157,6 +166,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--n-eval", type=int, default=96)
     ap.add_argument("--n-cal", type=int, default=32)
+    ap.add_argument("--cal-seeds", default=",".join(str(1000 * i) for i in range(8)), help="calibration sets (vlm_samples seeds) AWQ / MBQ average")
     ap.add_argument("--outliers", type=int, default=0, help="function-preserving outlier channels per decoder norm")
     ap.add_argument("--outlier-scale", type=float, default=30.0)
     ap.add_argument("--model", default=None, help="a VLM folder (default: reference_models/tiny-vlm-shapes)")
@@ -165,9 +175,10 @@ def main() -> None:
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
-    result = run(args.n_eval, args.n_cal, not args.no_progress, args.outliers, args.outlier_scale, args.model)
+    seeds = tuple(int(x) for x in args.cal_seeds.split(","))
+    result = run(args.n_eval, args.n_cal, not args.no_progress, args.outliers, args.outlier_scale, args.model, seeds)
     report(f"MBQ on {args.model or 'tiny-vlm-shapes'} ({args.outliers} outlier channels x {args.outlier_scale:g}): "
-           f"{args.n_eval} images x 3 questions, calibration on {args.n_cal} samples", table(result), result,
+           f"{args.n_eval} images x 3 questions, calibration on {args.n_cal} samples x {len(seeds)} sets", table(result), result,
            args.json)  # fmt: skip
 
 

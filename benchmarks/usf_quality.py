@@ -4,8 +4,10 @@ against diffusers' DPM-Solver++(2M), UniPC and Euler, each with its best timeste
 * Search: ``search_solver_schedule`` on ``--n-search`` calibration prompts (``eval_prompts(n, seed=777)``, not the
   evaluation prompts), guidance 3.0, ``--max-evals`` scored schedules per NFE, against a 50-step DPM-Solver++(2M)
   reference of the same prompts and seeds; ``--metric latent`` (default) scores latent MSE, ``--metric image`` the
-  pixel MSE plus the Fréchet distance between the candidate's and the reference's checker features (a distribution
-  distance, as the paper scores by FID; computed against the reference images, never the evaluation set).
+  pixel MSE plus the Fréchet distance between the candidate's and the reference's checker features, ``--metric data``
+  scores against the data as the paper scores by FID (``effalg.core.eval.t2i.data_score``: FD of the checker
+  features to rendered real images of another seed than the evaluation's, plus 0.2 x the all-three error on the
+  search prompts, plus the pixel MSE to the reference).
 * Evaluation (``effalg.core.eval.evaluate_t2i``, ``--n-eval`` held-out prompts, seed 0, guidance 3.0): Fréchet
   distance of the checker's features (lower is better), all-three accuracy, and PSNR of the images against the same
   prompts and seeds at 50 steps of the pipeline's own DPM-Solver++(2M).
@@ -61,7 +63,7 @@ def run(nfes: list[int], n_eval: int, n_search: int, max_evals: int, progress: b
     from diffusers.utils import logging as dlogging
 
     from effalg.core.eval import evaluate_t2i, shapes
-    from effalg.core.eval.t2i import eval_prompts
+    from effalg.core.eval.t2i import data_score, eval_prompts
     from effalg.diffusers import USFScheduler, search_solver_schedule
     from effalg.diffusers.reference_models import load_reference_t2i
 
@@ -73,7 +75,9 @@ def run(nfes: list[int], n_eval: int, n_search: int, max_evals: int, progress: b
     ref = evaluate_t2i(pipe, n_prompts=n_eval, num_inference_steps=50, guidance_scale=g, return_images=True)
     rows = [{"nfe": 50, "solver": "DPM-Solver++(2M) reference", "setting": "pipeline default",
              "frechet": ref["frechet"], "all_acc": ref["all_acc"], "psnr": float("inf")}]  # fmt: skip
-    calib = [shapes.caption(*c) for c in eval_prompts(n_search, 777)]
+    triples = eval_prompts(n_search, 777)
+    calib = [shapes.caption(*c) for c in triples]
+    search_metric = {"latent": None, "image": image_metric, "data": data_score(triples)}[metric]
     schedules = {}
     for nfe in nfes:
         for name, (cls, settings) in baselines().items():
@@ -95,7 +99,7 @@ def run(nfes: list[int], n_eval: int, n_search: int, max_evals: int, progress: b
         pipe.scheduler = own
         t = time.perf_counter()
         sched = search_solver_schedule(pipe, calib, nfe, guidance_scale=g, max_evals=max_evals, progress=progress,
-                                       metric=image_metric if metric == "image" else None,
+                                       metric=search_metric,
                                        use_resolution_binning=False, clean_caption=False)  # fmt: skip
         secs = time.perf_counter() - t
         schedules[nfe] = sched.to_dict()
@@ -121,7 +125,7 @@ def main() -> None:
     ap.add_argument("--nfe", default="4,6,8")
     ap.add_argument("--n-eval", type=int, default=96)
     ap.add_argument("--n-search", type=int, default=32)
-    ap.add_argument("--metric", choices=["image", "latent"], default="latent")
+    ap.add_argument("--metric", choices=["image", "latent", "data"], default="latent")
     ap.add_argument("--model", default="tiny-pixart-shapes", help="a reference pipeline (e.g. tiny-sd-shapes)")
     ap.add_argument("--max-evals", type=int, default=300)
     ap.add_argument("--threads", type=int, default=2)

@@ -3,6 +3,7 @@
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from effalg.core.eval import format_table, lm_tasks, shapes
@@ -55,6 +56,23 @@ def test_frechet_small_for_same_distribution_large_for_other():
     noise = torch.rand(64, 3, 32, 32, generator=torch.Generator().manual_seed(0))
     other = torch.stack([shapes.check_image(x).features for x in noise])
     assert shapes.frechet_distance(real, same) < 0.1 < shapes.frechet_distance(real, other)
+
+
+def test_data_score_ranks_real_images_first_and_counts_errors():
+    from effalg.core.eval.t2i import check_images, data_score
+
+    gen = torch.Generator().manual_seed(3)
+    imgs, _, labels = shapes.sample_batch(48, gen)
+    r = check_images(imgs, labels, shapes.real_features(256, seed=1))
+    assert r["all_acc"] == 1.0 and r["frechet"] < 0.2
+    score = data_score(labels, n_real=256)
+    good = score(imgs, imgs)  # real images, equal to the reference: only the finite-sample FD is left
+    assert good == pytest.approx(r["frechet"], abs=0.1)
+    wrong = score(imgs, imgs.roll(1, 0))  # right distribution, other prompts' images: errors and MSE count
+    noise = torch.rand(imgs.shape, generator=gen)
+    assert good < wrong < score(noise, imgs)
+    with pytest.raises(ValueError, match="47 images for 48 prompts"):
+        score(imgs[:47], imgs[:47])
 
 
 def test_format_table():

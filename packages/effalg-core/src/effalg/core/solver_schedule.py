@@ -160,7 +160,11 @@ class SolverSchedule:
     @classmethod
     def predictor_corrector(cls, timesteps: Sequence[float], order: int = 2, prediction: str = "data",
                             **metadata: Any) -> SolverSchedule:  # fmt: skip
-        """A UniPC-style multistep predictor with a corrector on every step but the last."""
+        """A UniPC-style multistep predictor with a corrector on every step but the last.
+
+        In the noise form the corrector of a step from a time where ``alpha`` is close to 0 (the first step of a
+        ``squaredcos_cap_v2`` schedule, say) multiplies the derivative estimate by about ``alpha_t / alpha_s`` and
+        diverges; the data form (the default) does not."""
         n = len(timesteps) - 1
         steps = []
         for i in range(n):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -54,23 +55,50 @@ def evaluate_t2i(
         images.append(out.float().cpu())
     del device
     imgs = torch.cat(images)
-    res = [shapes.check_image(im) for im in imgs]
-    n = len(prompts)
-    shape_acc = sum(r.shape == p[0] for r, p in zip(res, prompts)) / n
-    fg_acc = sum(r.fg == p[1] for r, p in zip(res, prompts)) / n
-    bg_acc = sum(r.bg == p[2] for r, p in zip(res, prompts)) / n
-    all_acc = sum((r.shape, r.fg, r.bg) == p for r, p in zip(res, prompts)) / n
-    fd = shapes.frechet_distance(torch.stack([r.features for r in res]), shapes.real_features(n_real))
     out: dict[str, Any] = {
         "task": "t2i",
         "num_inference_steps": num_inference_steps,
-        "shape_acc": shape_acc,
-        "color_acc": fg_acc,
-        "bg_acc": bg_acc,
-        "all_acc": all_acc,
-        "frechet": fd,
+        **check_images(imgs, prompts, shapes.real_features(n_real)),
         "chance": {"shape_acc": 1 / 3, "color_acc": 1 / 6, "bg_acc": 1 / 6, "all_acc": 1 / 90},
     }
     if return_images:
         out["images"] = imgs
     return out
+
+
+def check_images(images: torch.Tensor, prompts: Sequence[tuple[str, str, str]], real: torch.Tensor) -> dict[str, float]:
+    """Shape / colour / background / all-three accuracy of ``images`` against their ``(shape, fg, bg)`` prompts, and
+    the Fréchet distance of their checker features to the ``real`` feature rows."""
+    res = [shapes.check_image(im) for im in images]
+    n = len(prompts)
+    return {
+        "shape_acc": sum(r.shape == p[0] for r, p in zip(res, prompts)) / n,
+        "color_acc": sum(r.fg == p[1] for r, p in zip(res, prompts)) / n,
+        "bg_acc": sum(r.bg == p[2] for r, p in zip(res, prompts)) / n,
+        "all_acc": sum((r.shape, r.fg, r.bg) == p for r, p in zip(res, prompts)) / n,
+        "frechet": shapes.frechet_distance(torch.stack([r.features for r in res]), real),
+    }
+
+
+def data_score(
+    prompts: Sequence[tuple[str, str, str]], n_real: int = 512, real_seed: int = 999, accuracy_weight: float = 0.2,
+    reference_weight: float = 1.0,
+) -> Callable[[torch.Tensor, torch.Tensor], float]:  # fmt: skip
+    """A schedule-search score (lower is better) measured against the data, as USF / OMS-DPM score candidates by FID:
+    ``FD(images, real) + accuracy_weight * (1 - all-three accuracy) + reference_weight * pixel MSE(images, reference)``.
+
+    ``prompts`` are the ``(shape, fg, bg)`` triples of the search prompts, in the order the pipeline runs them; the
+    real features are rendered with ``real_seed`` (not the evaluation's set). Pass it as ``metric=`` to
+    ``search_solver_schedule`` / ``search_model_schedule``.
+    """
+    prompts = list(prompts)
+    real = shapes.real_features(n_real, seed=real_seed)
+
+    def score(images: torch.Tensor, reference: torch.Tensor) -> float:
+        if len(images) != len(prompts):
+            raise ValueError(f"data_score: {len(images)} images for {len(prompts)} prompts")
+        r = check_images(images, prompts, real)
+        mse = float(((images.float() - reference.float()) ** 2).mean())
+        return r["frechet"] + accuracy_weight * (1.0 - r["all_acc"]) + reference_weight * mse
+
+    return score
