@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import torch
@@ -66,8 +66,7 @@ class SolverStep:
         self.corrector = bool(self.corrector)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"order": self.order, "prediction": self.prediction, "points": self.points,
-                "relaxation": self.relaxation, "corrector": self.corrector}  # fmt: skip
+        return asdict(self)
 
 
 @dataclass
@@ -92,7 +91,7 @@ class SolverSchedule:
         steps = []
         for i, st in enumerate(self.steps):
             if not isinstance(st, SolverStep):
-                unknown = sorted(set(dict(st)) - {"order", "prediction", "points", "relaxation", "corrector"})
+                unknown = sorted(set(dict(st)) - {f.name for f in fields(SolverStep)})
                 if unknown:
                     raise ValueError(f"SolverSchedule: step {i} has unknown key(s) {unknown} (not supported)")
                 st = SolverStep(**dict(st))

@@ -31,7 +31,7 @@ from effalg.core.memory import reports_peak_memory
 from effalg.core.model_schedule import ModelSchedule
 from effalg.core.schedule_search import predictor_guided_search
 
-from .pipeline_calibration import quiet_progress, reference_error, seeded_output
+from .pipeline_calibration import metric_name, quiet_progress, reference_error, seeded_output
 
 __all__ = ["ModelScheduleRouter", "search_model_schedule"]
 
@@ -279,10 +279,11 @@ def search_model_schedule(
     if len(results) < max_evals:
         logger.warning("search_model_schedule: only %d route(s) fit time_budget=%s (measured per call: %s); a larger "
                        "budget leaves more to search", len(results), time_budget, measured)  # fmt: skip
-    return ModelSchedule(
+    schedule = ModelSchedule(
         names, list(route), latency,
-        {"timesteps": timesteps, "steps": steps, "time_budget": float(time_budget), "cost_s": sum(latency[m] for m in route),
-         "budget_s": budget, "score": {"metric": "latent_mse_vs_reference" if metric is None else "custom",
-                                       "value": err, "reference": f"{slowest} x{reference_steps}"},
+        {"timesteps": timesteps, "steps": steps, "time_budget": float(time_budget), "budget_s": budget,
+         "score": {"metric": metric_name(metric), "value": err, "reference": f"{slowest} x{reference_steps}"},
          "search": {"evaluated": len(results), "origin": origin}},
     )  # fmt: skip
+    schedule.metadata["cost_s"] = schedule.cost()
+    return schedule

@@ -207,6 +207,11 @@ def reference_error(out: torch.Tensor, ref: torch.Tensor, metric: Callable | Non
     return float(((out - ref) ** 2).mean()) if metric is None else float(metric(out, ref))
 
 
+def metric_name(metric: Callable | None) -> str:
+    """How a search records the score :func:`reference_error` computes with ``metric``."""
+    return "latent_mse_vs_reference" if metric is None else getattr(metric, "__name__", "custom")
+
+
 class PipelineRunner:
     """Deterministic calls of ``pipe`` (prompt ``i`` uses a generator seeded ``seed + i``) and replays of recorded
     calls of its denoiser ``model``."""

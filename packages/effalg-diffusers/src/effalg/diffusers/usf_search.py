@@ -33,7 +33,7 @@ from effalg.core.memory import reports_peak_memory
 from effalg.core.schedule_search import predictor_guided_search
 from effalg.core.solver_schedule import SolverSchedule, SolverStep
 
-from .pipeline_calibration import quiet_progress, reference_error, seeded_output
+from .pipeline_calibration import metric_name, quiet_progress, reference_error, seeded_output
 from .usf import USFScheduler
 
 __all__ = ["search_solver_schedule", "seed_schedules"]
@@ -214,7 +214,7 @@ def search_solver_schedule(
     best_seed = min(seeds.items(), key=lambda kv: kv[1]) if seeds else (None, None)
     best.metadata = {
         "nfe": nfe,
-        "score": {"metric": "latent_mse_vs_reference" if metric is None else getattr(metric, "__name__", "custom"),
+        "score": {"metric": metric_name(metric),
                   "value": err, "reference": f"dpm++2m x{reference_steps}",
                   "prompts": len(prompts), "seed": seed, "guidance_scale": guidance_scale},
         "search": {"evaluated": len(results), "seconds": round(time.monotonic() - start, 1), "origin": origin,

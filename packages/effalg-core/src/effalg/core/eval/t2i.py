@@ -94,11 +94,11 @@ def data_score(
     prompts = list(prompts)
     real = shapes.real_features(n_real, seed=real_seed)
 
-    def score(images: torch.Tensor, reference: torch.Tensor) -> float:
+    def data_score(images: torch.Tensor, reference: torch.Tensor) -> float:  # the name searches record
         if len(images) != len(prompts):
             raise ValueError(f"data_score: {len(images)} images for {len(prompts)} prompts")
         r = check_images(images, prompts, real)
         mse = float(((images.float() - reference.float()) ** 2).mean())
         return r["frechet"] + accuracy_weight * (1.0 - r["all_acc"]) + reference_weight * mse
 
-    return score
+    return data_score

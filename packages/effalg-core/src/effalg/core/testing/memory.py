@@ -27,7 +27,7 @@ MiB = 1 << 20
 
 _CHILD = """
 import gc, json, sys
-from effalg.core.testing.memory import rss_anon, model_bytes  # noqa: F401
+from effalg.core.testing.memory import rss_anon, model_bytes
 {setup}
 gc.collect()
 base = rss_anon()
